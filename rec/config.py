@@ -1,0 +1,59 @@
+"""Where the project keeps its state and which knobs a nightly run reads.
+
+Everything is taken from the environment so that the same code runs from the
+command line, from Airflow workers and from docker-compose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def rec_home() -> Path:
+    """The folder holding the embedded database, Airflow's home and model artifacts."""
+    home = Path(os.environ.get("REC_HOME", REPO_ROOT / ".rec")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def airflow_home() -> Path:
+    return Path(os.environ.get("AIRFLOW_HOME", rec_home() / "airflow"))
+
+
+def artifacts_dir() -> Path:
+    path = rec_home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Knobs of one nightly run; Airflow params override them per run."""
+
+    top_n: int = 20
+    """How many services each user's published list holds."""
+    exploration: float = 0.1
+    """Share of list slots filled by sampling from the policy instead of its argmax."""
+    history_days: int = 28
+    """How many days of logged slates the choice model is fitted on."""
+    agent_steps: int = 150
+    """REINFORCE updates per night (warm-started from the previous night's policy)."""
+    horizon: int = 8
+    """Simulated days per training episode: the agent optimises this many days ahead."""
+    seed: int = 0
+    """Seed of every random draw in fitting, training and publishing."""
+
+    @classmethod
+    def from_env(cls, **overrides) -> RunConfig:
+        env = {
+            "top_n": os.environ.get("REC_TOP_N"),
+            "exploration": os.environ.get("REC_EXPLORATION"),
+            "agent_steps": os.environ.get("REC_AGENT_STEPS"),
+        }
+        values = {k: type(getattr(cls, k))(v) for k, v in env.items() if v is not None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

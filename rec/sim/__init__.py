@@ -1,0 +1,1 @@
+"""The batched simulation engine: users are rows of tensors."""

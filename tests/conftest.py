@@ -1,0 +1,66 @@
+"""Fixtures: a real PostgreSQL for every test that needs one.
+
+`REC_TEST_DATABASE_URL` points at a server to use (a fresh database is created
+on it for the session and dropped afterwards); unset, an embedded server is
+started in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from rec import db
+
+
+def _server_url(tmp_root: Path) -> str:
+    url = os.environ.get("REC_TEST_DATABASE_URL")
+    if url:
+        return url
+    import pgserver
+
+    server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="delete")
+    return server.get_uri()
+
+
+def _with_database(url: str, dbname: str) -> str:
+    parsed = psycopg.conninfo.conninfo_to_dict(url)
+    parsed["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**parsed)
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory) -> str:
+    return _server_url(tmp_path_factory.mktemp("pg"))
+
+
+@pytest.fixture(scope="session")
+def rec_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("rec_home")
+    os.environ["REC_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture()
+def fresh_database(server_url, rec_home):
+    """A new, migrated database for one test; dropped when the test ends."""
+    name = f"rec_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = _with_database(server_url, name)
+    db.migrate(url)
+    previous = os.environ.get("REC_DATABASE_URL")
+    os.environ["REC_DATABASE_URL"] = url
+    try:
+        yield url
+    finally:
+        if previous is None:
+            os.environ.pop("REC_DATABASE_URL", None)
+        else:
+            os.environ["REC_DATABASE_URL"] = previous
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
