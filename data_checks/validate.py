@@ -1,0 +1,148 @@
+"""Validates the marts of one nightly run with Great Expectations before any model reads them.
+
+`validate_marts` runs every suite of `data_checks.suites` against the analytics
+schema and raises `DataCheckError`, which stops the nightly run, when one fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+
+from rec.db import connect, database_url, url_parts
+
+log = logging.getLogger(__name__)
+
+ANALYTICS_SCHEMA = "analytics"
+DATASOURCE_NAME = "rec_analytics"
+
+# GX reads this when a context is created; nightly runs must not phone home.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+class DataCheckError(RuntimeError):
+    """A mart failed its expectation suite; the message names every failure."""
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The database URL in SQLAlchemy's form (psycopg 3 driver), socket folders included."""
+    from sqlalchemy.engine import URL
+
+    parts = url_parts(url)
+    on_socket = parts["host"].startswith("/")
+    return URL.create(
+        drivername="postgresql+psycopg",
+        username=parts["user"],
+        password=parts["password"] or None,
+        host=None if on_socket else parts["host"],
+        port=int(parts["port"]),
+        database=parts["dbname"],
+        query={"host": parts["host"]} if on_socket else {},
+    ).render_as_string(hide_password=False)
+
+
+def _run_facts(url: str, run_date: datetime.date):
+    from data_checks.suites import RunFacts
+
+    with connect(url) as conn:
+        users = conn.execute(
+            "select count(*) from raw.users where signed_up_at < %s", (run_date,)
+        ).fetchone()[0]
+        services = conn.execute("select count(*) from raw.services").fetchone()[0]
+    return RunFacts(run_date=run_date, users_signed_up=users, services=services)
+
+
+def _quiet_gx() -> None:
+    for name in ("great_expectations", "great_expectations.core", "posthog"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _describe_failure(result) -> str:
+    """One line: expectation type, its column(s) and what was observed."""
+    config = result.expectation_config
+    kwargs = config.kwargs
+    target = kwargs.get("column") or kwargs.get("column_list") or kwargs.get("column_set")
+    details = result.result or {}
+    if result.exception_info and result.exception_info.get("raised_exception"):
+        observed = f"raised {result.exception_info.get('exception_message')}"
+    elif "unexpected_count" in details:
+        observed = (
+            f"{details['unexpected_count']} unexpected of {details.get('element_count')},"
+            f" e.g. {details.get('partial_unexpected_list', [])[:5]}"
+        )
+    else:
+        observed = f"observed {details.get('observed_value')!r}"
+    bounds = {k: kwargs[k] for k in ("min_value", "max_value", "value") if k in kwargs}
+    label = config.description or ", ".join(f"{k}={v}" for k, v in bounds.items())
+    column = f" column={target}" if target else ""
+    return f"{config.type}{column} ({label}): {observed}"
+
+
+def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
+    """Run every mart's suite against the analytics schema of the database.
+
+    Args:
+        run_date: The logical date D the marts were built for.
+        url: Database URL; the pipeline's database when None.
+
+    Returns:
+        {suite_name: {"success": bool, "evaluated": n, "failed": [descriptions]}}.
+
+    Raises:
+        DataCheckError: a suite failed; the message names each suite and expectation.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    from data_checks.suites import build_suites
+
+    url = url or database_url()
+    started = time.perf_counter()
+    _quiet_gx()
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_sql(
+        name=DATASOURCE_NAME, connection_string=sqlalchemy_url(url), create_temp_table=False
+    )
+
+    summary: dict[str, dict] = {}
+    for suite in build_suites(_run_facts(url, run_date)):
+        asset = source.add_table_asset(
+            name=suite.name, table_name=suite.name, schema_name=ANALYTICS_SCHEMA
+        )
+        batch = asset.add_batch_definition_whole_table(f"{suite.name}_whole_table")
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(
+                name=f"{suite.name}_{run_date.isoformat()}",
+                data=batch,
+                suite=context.suites.add(suite),
+            )
+        )
+        outcome = definition.run(result_format="SUMMARY")
+        failed = [_describe_failure(r) for r in outcome.results if not r.success]
+        summary[suite.name] = {
+            "success": bool(outcome.success),
+            "evaluated": len(outcome.results),
+            "failed": failed,
+        }
+        log.info(
+            "GX suite %s: %d expectations, %d failed",
+            suite.name, len(outcome.results), len(failed),
+        )
+
+    log.info("validated %d marts for %s in %.1fs", len(summary), run_date,
+             time.perf_counter() - started)
+
+    failing = {name: s["failed"] for name, s in summary.items() if not s["success"]}
+    if failing:
+        lines = [
+            f"{name}: {failure}" for name, failures in failing.items() for failure in failures
+        ]
+        raise DataCheckError(
+            f"data checks failed for run {run_date} in {', '.join(failing)}:\n  "
+            + "\n  ".join(lines)
+        )
+    return summary

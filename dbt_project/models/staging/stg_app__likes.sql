@@ -1,0 +1,32 @@
+with
+
+source as (
+
+    select * from {{ source('app', 'events') }}
+
+),
+
+likes_known_before_run as (
+
+    select * from source
+    where
+        event_type = 'like'
+        and event_date < {{ run_date() }}
+
+),
+
+renamed as (
+
+    select
+        event_id as like_id,
+        user_id,
+        service_id,
+        slate_id,
+        occurred_at,
+        event_date
+
+    from likes_known_before_run
+
+)
+
+select * from renamed

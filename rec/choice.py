@@ -1,0 +1,393 @@
+"""The user choice model: a conditional logit over a slate plus a no-click option.
+
+It is fitted every night on logged slates and then drives the training simulator, so its
+utilities use only what the nightly features know about users and services.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rec.sim.engine import Catalogue, UserState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChoiceData:
+    """Logged slates for fitting, one row per impression, with point-in-time user states."""
+
+    interest: torch.Tensor
+    """(U, T) interest shares of each user state the impressions point at."""
+    strength: torch.Tensor
+    """(U,) log1p of the total decayed interaction weight of each user state."""
+    signup: torch.Tensor
+    """(U, T) 0/1 sign-up topics of each user state."""
+    topic: torch.Tensor
+    """(S,) long topic of each service."""
+    item_numeric: torch.Tensor
+    """(S, F) standardised numeric features of each service."""
+    slate: torch.Tensor
+    """(N,) long id of the slate the impression belongs to (any integers)."""
+    user: torch.Tensor
+    """(N,) long row of the user state in `interest`, `strength`, `signup`."""
+    item: torch.Tensor
+    """(N,) long service index."""
+    position: torch.Tensor
+    """(N,) long 0-based position of the service in its slate."""
+    clicked: torch.Tensor
+    """(N,) 0/1 whether the impression was clicked."""
+
+    @property
+    def n_impressions(self) -> int:
+        return self.slate.shape[0]
+
+    def select(self, rows: torch.Tensor) -> ChoiceData:
+        """The impressions at `rows`, sharing the user and service tensors."""
+        return ChoiceData(
+            self.interest,
+            self.strength,
+            self.signup,
+            self.topic,
+            self.item_numeric,
+            self.slate[rows],
+            self.user[rows],
+            self.item[rows],
+            self.position[rows],
+            self.clicked[rows],
+        )
+
+
+class ChoiceModel(nn.Module):
+    """Conditional logit: a user picks one slate item or nothing (utility 0).
+
+    u(user, item, pos) = interest_u' W e_topic + a * signup_u[topic]
+        + b * strength_u * interest_u[topic] + theta' numeric_item + topic_bias[topic]
+        + position_bias[pos] + intercept, with position_bias[0] = 0.
+    """
+
+    def __init__(
+        self,
+        n_topics: int,
+        n_numeric: int,
+        n_positions: int,
+        use_strength: bool = True,
+        position_only: bool = False,
+    ) -> None:
+        """Create a model with every coefficient at zero.
+
+        Args:
+            n_topics: T, the number of topics.
+            n_numeric: F, the number of numeric service features.
+            n_positions: slate positions with their own bias; later ones share the last.
+            use_strength: include the strength-times-interest term.
+            position_only: use only position biases and the intercept (the baseline).
+        """
+        super().__init__()
+        self.config = {
+            "n_topics": n_topics,
+            "n_numeric": n_numeric,
+            "n_positions": n_positions,
+            "use_strength": use_strength,
+            "position_only": position_only,
+        }
+        self.affinity = nn.Parameter(torch.zeros(n_topics, n_topics))
+        self.signup_coef = nn.Parameter(torch.zeros(()))
+        self.strength_coef = nn.Parameter(torch.zeros(()))
+        self.numeric_coef = nn.Parameter(torch.zeros(n_numeric))
+        self.topic_bias = nn.Parameter(torch.zeros(n_topics))
+        self.later_position_bias = nn.Parameter(torch.zeros(max(n_positions - 1, 0)))
+        self.intercept = nn.Parameter(torch.zeros(()))
+
+    @property
+    def position_bias(self) -> torch.Tensor:
+        """(n_positions,) bias of each slate position; position 0 is the reference."""
+        return torch.cat([self.later_position_bias.new_zeros(1), self.later_position_bias])
+
+    def item_utilities(self, topic: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """(S,) the part of the utility that depends on the service alone."""
+        if self.config["position_only"]:
+            return numeric.new_zeros(topic.shape[0])
+        return numeric @ self.numeric_coef + self.topic_bias[topic]
+
+    def _utility(
+        self,
+        interest: torch.Tensor,
+        strength: torch.Tensor,
+        signup: torch.Tensor,
+        item_topic: torch.Tensor,
+        item_part: torch.Tensor,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, K) utilities from user rows (B, ...) and item topics and item parts (B, K)."""
+        utility = item_part + self.intercept
+        if positions is not None:
+            last = self.config["n_positions"] - 1
+            utility = utility + self.position_bias[positions.clamp(max=last)]
+        if self.config["position_only"]:
+            return utility
+        utility = utility + (interest @ self.affinity).gather(1, item_topic)
+        utility = utility + self.signup_coef * signup.gather(1, item_topic)
+        if self.config["use_strength"]:
+            own_interest = interest.gather(1, item_topic)
+            utility = utility + self.strength_coef * strength.unsqueeze(1) * own_interest
+        return utility
+
+    def utilities(
+        self,
+        state: UserState,
+        items: Catalogue,
+        slates: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Utilities of slate items against a no-click utility of 0.
+
+        Args:
+            state: B users.
+            items: the catalogue the slates index.
+            slates: (B, K) long catalogue indices.
+            positions: (B, K) or (K,) long positions; 0..K-1 when omitted.
+
+        Returns:
+            (B, K) utilities.
+        """
+        if positions is None:
+            positions = torch.arange(slates.shape[1], device=slates.device)
+        positions = positions.expand_as(slates)
+        item_part = self.item_utilities(items.topic, items.numeric)[slates]
+        return self._utility(
+            state.interest, state.strength, state.signup, items.topic[slates], item_part, positions
+        )
+
+    def all_item_utilities(
+        self,
+        interest: torch.Tensor,
+        strength: torch.Tensor,
+        signup: torch.Tensor,
+        topic: torch.Tensor,
+        numeric: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, S) utility of every service shown at position 0 to each of B users."""
+        batch = interest.shape[0]
+        item_topic = topic.unsqueeze(0).expand(batch, -1)
+        item_part = self.item_utilities(topic, numeric).unsqueeze(0).expand(batch, -1)
+        return self._utility(interest, strength, signup, item_topic, item_part, None)
+
+    def impression_utilities(self, data: ChoiceData) -> torch.Tensor:
+        """(N,) utility of each logged impression."""
+        item_part = self.item_utilities(data.topic, data.item_numeric)[data.item]
+        utility = self._utility(
+            data.interest[data.user],
+            data.strength[data.user],
+            data.signup[data.user],
+            data.topic[data.item].unsqueeze(1),
+            item_part.unsqueeze(1),
+            data.position.unsqueeze(1),
+        )
+        return utility.squeeze(1)
+
+    def l2_penalty(self) -> torch.Tensor:
+        """Sum of squares of every coefficient except the intercept."""
+        return sum(
+            (p.square().sum() for name, p in self.named_parameters() if name != "intercept"),
+            torch.zeros((), dtype=self.intercept.dtype, device=self.intercept.device),
+        )
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write the config (JSON-able), the state dict and optional metadata to one file."""
+        payload = {
+            "config": dict(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "metadata": metadata or {},
+        }
+        torch.save(payload, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ChoiceModel:
+        """Restore a model written by `save`."""
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        return cls.from_payload(payload)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> ChoiceModel:
+        """Rebuild a model from a dict with `config` and `state_dict`."""
+        model = cls(**payload["config"])
+        model.load_state_dict(payload["state_dict"])
+        return model
+
+
+def slate_negative_log_likelihood(
+    utility: torch.Tensor, slate: torch.Tensor, clicked: torch.Tensor, n_slates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slate multinomial log-loss with a no-click option of utility 0.
+
+    A slate with several clicks counts each click as a separate choice from the full slate
+    (the clicked items are not removed), so its loss is the sum of those choices' losses.
+
+    Args:
+        utility: (N,) utility of each impression.
+        slate: (N,) long slate index in 0..n_slates-1.
+        clicked: (N,) 0/1 clicks.
+        n_slates: the number of slates.
+
+    Returns:
+        (n_slates,) negative log-likelihood, and (N,) choice probability of each impression.
+    """
+    reference = utility.new_zeros(n_slates).scatter_reduce(
+        0, slate, utility.detach(), "amax", include_self=True
+    )
+    shifted = torch.exp(utility - reference[slate])
+    log_denominator = reference + torch.log(
+        torch.exp(-reference) + utility.new_zeros(n_slates).index_add(0, slate, shifted)
+    )
+    n_clicks = utility.new_zeros(n_slates).index_add(0, slate, clicked)
+    clicked_utility = utility.new_zeros(n_slates).index_add(0, slate, clicked * utility)
+    nll = n_clicks.clamp(min=1) * log_denominator - clicked_utility
+    return nll, torch.exp(utility - log_denominator[slate])
+
+
+def calibration_error(probability: torch.Tensor, outcome: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error over equal-count bins of predicted probability."""
+    order = torch.argsort(probability)
+    total = 0.0
+    for chunk in torch.tensor_split(order, bins):
+        if chunk.numel():
+            gap = (probability[chunk].mean() - outcome[chunk].mean()).abs().item()
+            total += gap * chunk.numel() / order.numel()
+    return total
+
+
+def _as_fit_data(data: ChoiceData, dtype: torch.dtype) -> ChoiceData:
+    return ChoiceData(
+        data.interest.to(dtype),
+        data.strength.to(dtype),
+        data.signup.to(dtype),
+        data.topic.long(),
+        data.item_numeric.to(dtype),
+        data.slate.long(),
+        data.user.long(),
+        data.item.long(),
+        data.position.long(),
+        data.clicked.to(dtype),
+    )
+
+
+def _fit(model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: int,
+         l2: float, max_iter: int) -> float:
+    """Minimise mean per-slate log-loss plus l2 with full-batch L-BFGS; returns the loss."""
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        nll, _ = slate_negative_log_likelihood(
+            model.impression_utilities(data), slate, data.clicked, n_slates
+        )
+        loss = nll.mean() + l2 * model.l2_penalty()
+        loss.backward()
+        return loss
+
+    return float(optimizer.step(closure))
+
+
+def _evaluate(model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: int
+              ) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        nll, probability = slate_negative_log_likelihood(
+            model.impression_utilities(data), slate, data.clicked, n_slates
+        )
+    return nll.mean().item(), probability
+
+
+def fit_choice_model(
+    data: ChoiceData,
+    n_topics: int,
+    *,
+    max_iter: int = 200,
+    l2: float = 1e-4,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    use_strength: bool = True,
+) -> tuple[ChoiceModel, dict[str, float]]:
+    """Fit the choice model on a random share of slates and score it on the rest.
+
+    Args:
+        data: the logged impressions and the tensors they index.
+        n_topics: T.
+        max_iter: L-BFGS iterations (full batch, float64).
+        l2: weight of the squared-coefficient penalty on the mean per-slate log-loss.
+        seed: seed of the train/held-out split.
+        holdout_fraction: share of slates held out for the metrics.
+        use_strength: include the strength-times-interest term.
+
+    Returns:
+        The model fitted on the training slates (float32), and metrics: `train_logloss`,
+        `heldout_logloss`, `baseline_heldout_logloss` (position biases and intercept only),
+        `heldout_click_rate`, `heldout_predicted_click_rate`, `heldout_calibration_error`,
+        slate counts and `fit_seconds`.
+    """
+    started = time.perf_counter()
+    data = _as_fit_data(data, torch.float64)
+    slate_ids, slate = torch.unique(data.slate, return_inverse=True)
+    n_slates = slate_ids.shape[0]
+
+    generator = torch.Generator().manual_seed(seed)
+    n_holdout = int(round(holdout_fraction * n_slates))
+    is_holdout = torch.zeros(n_slates, dtype=torch.bool)
+    is_holdout[torch.randperm(n_slates, generator=generator)[:n_holdout]] = True
+    is_holdout = is_holdout.to(slate.device)
+
+    def part(holdout: bool) -> tuple[ChoiceData, torch.Tensor, int]:
+        rows = is_holdout[slate] == holdout
+        _, local = torch.unique(slate[rows], return_inverse=True)
+        count = int(local.max().item()) + 1 if local.numel() else 0
+        return data.select(rows), local, count
+
+    train, train_slate, n_train = part(False)
+    held, held_slate, n_held = part(True)
+    n_positions = int(data.position.max().item()) + 1
+    n_numeric = data.item_numeric.shape[1]
+
+    model = ChoiceModel(n_topics, n_numeric, n_positions, use_strength=use_strength)
+    baseline = ChoiceModel(n_topics, n_numeric, n_positions, position_only=True)
+    metrics: dict[str, float] = {"n_train_slates": n_train, "n_heldout_slates": n_held}
+    for name, candidate in (("", model), ("baseline_", baseline)):
+        candidate.to(device=data.interest.device, dtype=torch.float64)
+        _fit(candidate, train, train_slate, n_train, l2, max_iter)
+        metrics[f"{name}train_logloss"], _ = _evaluate(candidate, train, train_slate, n_train)
+        if n_held:
+            metrics[f"{name}heldout_logloss"], probability = _evaluate(
+                candidate, held, held_slate, n_held
+            )
+            if not name:
+                metrics["heldout_click_rate"] = held.clicked.mean().item()
+                metrics["heldout_predicted_click_rate"] = probability.mean().item()
+                metrics["heldout_calibration_error"] = calibration_error(
+                    probability, held.clicked
+                )
+
+    metrics["fit_seconds"] = time.perf_counter() - started
+    logger.info(
+        "choice model fitted on %d slates in %.1f s: train %.4f, held-out %.4f, "
+        "position-only %.4f",
+        n_train,
+        metrics["fit_seconds"],
+        metrics["train_logloss"],
+        metrics.get("heldout_logloss", float("nan")),
+        metrics.get("baseline_heldout_logloss", float("nan")),
+    )
+    return model.float(), metrics

@@ -1,0 +1,163 @@
+"""Reading the dbt marts into tensors: users, services and logged slates.
+
+Users and services become rows of dense tensors indexed like their id arrays, so
+that the choice model, the simulator and the publisher share one layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import psycopg
+import torch
+
+log = logging.getLogger(__name__)
+
+ITEM_NUMERIC_COLUMNS = ("log_price", "ctr_logit", "rating_centered", "log_bookings")
+
+
+@dataclass
+class Users:
+    """One row per user; `interest` rows are topic shares (all zero with no history)."""
+
+    user_ids: np.ndarray
+    interest: torch.Tensor
+    strength: torch.Tensor
+    signup: torch.Tensor
+    cold: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class Items:
+    """One row per service, with features computed from the marts alone."""
+
+    service_ids: np.ndarray
+    expert_ids: np.ndarray
+    topic: torch.Tensor
+    numeric: torch.Tensor
+    booking_rate: torch.Tensor
+    popularity: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.service_ids)
+
+
+@dataclass
+class LoggedSlates:
+    """Impressions of the training window; `state` indexes the point-in-time user states."""
+
+    slate: torch.Tensor
+    state: torch.Tensor
+    item: torch.Tensor
+    position: torch.Tensor
+    clicked: torch.Tensor
+    booked: torch.Tensor
+    states: Users
+
+
+def n_topics(conn: psycopg.Connection) -> int:
+    return conn.execute("select coalesce(max(topic_id), -1) + 1 from analytics.stg_app__topics"
+                        ).fetchone()[0]
+
+
+def _interest_matrix(rows, index: dict, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    interest = torch.zeros(shape)
+    weight = torch.zeros(shape[0])
+    for key, topic, decayed, share in rows:
+        row = index[key]
+        interest[row, topic] = share
+        weight[row] += decayed
+    return interest, torch.log1p(weight)
+
+
+def _signup_matrix(signups: list[list[int] | None], topics: int) -> torch.Tensor:
+    signup = torch.zeros(len(signups), topics)
+    for row, picked in enumerate(signups):
+        for topic in picked or ():
+            if 0 <= topic < topics:
+                signup[row, topic] = 1.0
+    return signup
+
+
+def load_users(conn: psycopg.Connection) -> Users:
+    """Every user of the `user_features` mart, with their current interests."""
+    topics = n_topics(conn)
+    rows = conn.execute("select user_id, signup_topics, is_cold_start"
+                        " from analytics.user_features order by user_id").fetchall()
+    user_ids = np.array([r[0] for r in rows], dtype=np.int64)
+    index = {int(u): i for i, u in enumerate(user_ids)}
+    interest, strength = _interest_matrix(conn.execute(
+        "select user_id, topic_id, decayed_weight, interest"
+        " from analytics.user_interest_features").fetchall(), index, (len(rows), topics))
+    return Users(user_ids, interest, strength, _signup_matrix([r[1] for r in rows], topics),
+                 torch.tensor([bool(r[2]) for r in rows]))
+
+
+def load_items(conn: psycopg.Connection, active_only: bool = True) -> Items:
+    """Services with standardised numeric features (fixed transforms, no fitted scaling)."""
+    rows = conn.execute(
+        "select service_id, expert_id, topic_id, price, ctr_smoothed, avg_rating_smoothed,"
+        " bookings, booking_rate_smoothed from analytics.expert_features"
+        + (" where is_active" if active_only else "") + " order by service_id").fetchall()
+    price = np.array([float(r[3]) for r in rows])
+    ctr = np.array([float(r[4]) for r in rows])
+    numeric = np.stack([
+        np.log(np.maximum(price, 1.0) / 60.0),
+        np.log(ctr / (1.0 - ctr)),
+        np.array([float(r[5]) for r in rows]) - 3.5,
+        np.log1p(np.array([float(r[6]) for r in rows])),
+    ], axis=1) if rows else np.zeros((0, len(ITEM_NUMERIC_COLUMNS)))
+    return Items(
+        service_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        expert_ids=np.array([r[1] for r in rows], dtype=np.int64),
+        topic=torch.tensor([r[2] for r in rows], dtype=torch.long),
+        numeric=torch.tensor(numeric, dtype=torch.float32),
+        booking_rate=torch.tensor([float(r[7]) for r in rows], dtype=torch.float32),
+        popularity=torch.tensor([float(r[6]) for r in rows], dtype=torch.float32),
+    )
+
+
+def load_logged_slates(conn: psycopg.Connection, items: Items) -> LoggedSlates:
+    """The training window's impressions, each pointing at its user's state that day."""
+    topics = n_topics(conn)
+    rows = conn.execute(
+        "select s.slate_id, s.user_id, s.event_date, s.service_id, s.position, s.clicked,"
+        " s.booked, u.signup_topics from analytics.choice_training_slates s"
+        " left join analytics.user_features u using (user_id)"
+        " order by s.event_date, s.slate_id, s.position").fetchall()
+    item_index = {int(s): i for i, s in enumerate(items.service_ids)}
+    rows = [r for r in rows if int(r[3]) in item_index]
+    state_index: dict[tuple[int, date], int] = {}
+    slate_index: dict[object, int] = {}
+    signups = []
+    for r in rows:
+        if (r[1], r[2]) not in state_index:
+            state_index[(r[1], r[2])] = len(state_index)
+            signups.append(r[7])
+        slate_index.setdefault(r[0], len(slate_index))
+    interest, strength = _interest_matrix(
+        (((u, d), t, w, i) for u, d, t, w, i in conn.execute(
+            "select user_id, event_date, topic_id, decayed_weight, interest"
+            " from analytics.choice_user_states").fetchall() if (u, d) in state_index),
+        state_index, (len(state_index), topics))
+    states = Users(
+        user_ids=np.array([k[0] for k in state_index], dtype=np.int64),
+        interest=interest, strength=strength, signup=_signup_matrix(signups, topics),
+        cold=interest.sum(1) == 0)
+    log.info("loaded %d impressions in %d slates over %d user-days", len(rows),
+             len(slate_index), len(state_index))
+    return LoggedSlates(
+        slate=torch.tensor([slate_index[r[0]] for r in rows], dtype=torch.long),
+        state=torch.tensor([state_index[(r[1], r[2])] for r in rows], dtype=torch.long),
+        item=torch.tensor([item_index[int(r[3])] for r in rows], dtype=torch.long),
+        position=torch.tensor([r[4] for r in rows], dtype=torch.long),
+        clicked=torch.tensor([bool(r[5]) for r in rows]),
+        booked=torch.tensor([bool(r[6]) for r in rows]),
+        states=states,
+    )
