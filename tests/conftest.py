@@ -8,6 +8,7 @@ started in a temporary folder.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,12 @@ import psycopg
 import pytest
 
 from rec import db
+
+# Airflow reads its configuration once, on import: give the test session a home of its own.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="rec-tests-"))
+os.environ["REC_HOME"] = str(_SESSION_HOME)
+os.environ["AIRFLOW_HOME"] = str(_SESSION_HOME / "airflow")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
 def _server_url(tmp_root: Path) -> str:
@@ -39,10 +46,8 @@ def server_url(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def rec_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("rec_home")
-    os.environ["REC_HOME"] = str(home)
-    return home
+def rec_home() -> Path:
+    return _SESSION_HOME
 
 
 @pytest.fixture()

@@ -301,3 +301,4 @@ def _store_truth(conn: psycopg.Connection, state: WorldState) -> None:
         "update world.user_truth t set interests = u.interests, activity = u.activity"
         " from truth_update u where t.user_id = u.user_id"
     )
+    conn.execute("drop table truth_update")
