@@ -42,87 +42,109 @@ def _non_negative(*columns: str) -> list[gxe.Expectation]:
 
 
 def user_interest_features_suite(facts: RunFacts) -> gx.ExpectationSuite:
-    return _suite("user_interest_features", [
-        gxe.ExpectTableColumnsToMatchSet(
-            column_set=["user_id", "topic_id", "decayed_weight", "interest"], exact_match=True
-        ),
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        *_not_null("user_id", "topic_id", "decayed_weight", "interest"),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "topic_id"]),
-        gxe.ExpectColumnValuesToBeBetween(column="interest", min_value=0, max_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="decayed_weight", min_value=0, strict_min=True),
-        gxe.UnexpectedRowsExpectation(
-            description="interest shares sum to 1 per user",
-            unexpected_rows_query=(
-                "select user_id, sum(interest) as interest_sum from {batch} group by user_id"
-                f" having abs(sum(interest) - 1) > {INTEREST_SUM_TOLERANCE}"
+    return _suite(
+        "user_interest_features",
+        [
+            gxe.ExpectTableColumnsToMatchSet(
+                column_set=["user_id", "topic_id", "decayed_weight", "interest"], exact_match=True
             ),
-        ),
-    ])
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            *_not_null("user_id", "topic_id", "decayed_weight", "interest"),
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "topic_id"]),
+            gxe.ExpectColumnValuesToBeBetween(column="interest", min_value=0, max_value=1),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="decayed_weight", min_value=0, strict_min=True
+            ),
+            gxe.UnexpectedRowsExpectation(
+                description="interest shares sum to 1 per user",
+                unexpected_rows_query=(
+                    "select user_id, sum(interest) as interest_sum from {batch} group by user_id"
+                    f" having abs(sum(interest) - 1) > {INTEREST_SUM_TOLERANCE}"
+                ),
+            ),
+        ],
+    )
 
 
 def user_features_suite(facts: RunFacts) -> gx.ExpectationSuite:
     counts = ("n_clicks", "n_likes", "n_bookings", "n_reviews")
-    return _suite("user_features", [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectTableRowCountToEqual(value=facts.users_signed_up),
-        *_not_null("user_id", "signed_up_at", "is_cold_start", "total_decayed_weight", *counts),
-        gxe.ExpectColumnValuesToBeUnique(column="user_id"),
-        *_non_negative("total_decayed_weight", *counts),
-        gxe.UnexpectedRowsExpectation(
-            description="cold-start users have no interactions and no interest weight",
-            unexpected_rows_query=(
-                "select user_id from {batch} where is_cold_start and"
-                " (n_clicks + n_likes + n_bookings + n_reviews > 0 or total_decayed_weight > 0)"
+    return _suite(
+        "user_features",
+        [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            gxe.ExpectTableRowCountToEqual(value=facts.users_signed_up),
+            *_not_null("user_id", "signed_up_at", "is_cold_start", "total_decayed_weight", *counts),
+            gxe.ExpectColumnValuesToBeUnique(column="user_id"),
+            *_non_negative("total_decayed_weight", *counts),
+            gxe.UnexpectedRowsExpectation(
+                description="cold-start users have no interactions and no interest weight",
+                unexpected_rows_query=(
+                    "select user_id from {batch} where is_cold_start and"
+                    " (n_clicks + n_likes + n_bookings + n_reviews > 0 or total_decayed_weight > 0)"
+                ),
             ),
-        ),
-        gxe.UnexpectedRowsExpectation(
-            description="no user is active on or after the run date",
-            unexpected_rows_query=(
-                "select user_id, last_active_date from {batch}"
-                f" where last_active_date >= date '{facts.run_date.isoformat()}'"
+            gxe.UnexpectedRowsExpectation(
+                description="no user is active on or after the run date",
+                unexpected_rows_query=(
+                    "select user_id, last_active_date from {batch}"
+                    f" where last_active_date >= date '{facts.run_date.isoformat()}'"
+                ),
             ),
-        ),
-    ])
+        ],
+    )
 
 
 def expert_features_suite(facts: RunFacts) -> gx.ExpectationSuite:
     counts = ("impressions", "clicks", "bookings", "likes", "n_reviews")
-    return _suite("expert_features", [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectTableRowCountToEqual(value=facts.services),
-        *_not_null("service_id", "expert_id", "topic_id", "price", "is_active", *counts),
-        gxe.ExpectColumnValuesToBeUnique(column="service_id"),
-        *_non_negative("price", *counts),
-        gxe.ExpectColumnValuesToBeBetween(column="duration_minutes", min_value=1),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="ctr_smoothed", min_value=0, max_value=1, strict_min=True, strict_max=True
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="booking_rate_smoothed", min_value=0, strict_min=True
-        ),
-        gxe.ExpectColumnValuesToBeBetween(column="avg_rating_smoothed", min_value=1, max_value=5),
-    ])
+    return _suite(
+        "expert_features",
+        [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            gxe.ExpectTableRowCountToEqual(value=facts.services),
+            *_not_null("service_id", "expert_id", "topic_id", "price", "is_active", *counts),
+            gxe.ExpectColumnValuesToBeUnique(column="service_id"),
+            *_non_negative("price", *counts),
+            gxe.ExpectColumnValuesToBeBetween(column="duration_minutes", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="ctr_smoothed", min_value=0, max_value=1, strict_min=True, strict_max=True
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="booking_rate_smoothed", min_value=0, strict_min=True
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="avg_rating_smoothed", min_value=1, max_value=5
+            ),
+        ],
+    )
 
 
 def choice_training_slates_suite(facts: RunFacts) -> gx.ExpectationSuite:
-    return _suite("choice_training_slates", [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        *_not_null(
-            "slate_id", "user_id", "event_date", "position", "service_id", "topic_id",
-            "clicked", "booked",
-        ),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["slate_id", "position"]),
-        gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
-        gxe.ExpectColumnValuesToBeBetween(column="propensity", min_value=0, max_value=1),
-        gxe.UnexpectedRowsExpectation(
-            description="no slate is from the run date or later",
-            unexpected_rows_query=(
-                "select slate_id, event_date from {batch}"
-                f" where event_date >= date '{facts.run_date.isoformat()}'"
+    return _suite(
+        "choice_training_slates",
+        [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            *_not_null(
+                "slate_id",
+                "user_id",
+                "event_date",
+                "position",
+                "service_id",
+                "topic_id",
+                "clicked",
+                "booked",
             ),
-        ),
-    ])
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["slate_id", "position"]),
+            gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+            gxe.ExpectColumnValuesToBeBetween(column="propensity", min_value=0, max_value=1),
+            gxe.UnexpectedRowsExpectation(
+                description="no slate is from the run date or later",
+                unexpected_rows_query=(
+                    "select slate_id, event_date from {batch}"
+                    f" where event_date >= date '{facts.run_date.isoformat()}'"
+                ),
+            ),
+        ],
+    )
 
 
 def build_suites(facts: RunFacts) -> list[gx.ExpectationSuite]:

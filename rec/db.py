@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from urllib.parse import parse_qs, urlparse
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from rec.config import rec_home
 
@@ -45,15 +45,17 @@ def database_url() -> str:
 
 
 def url_parts(url: str) -> dict[str, str]:
-    """Split a URL into libpq's parts; a socket folder stays in `host`."""
-    parsed = urlparse(url)
-    query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
+    """host, port, user, password and dbname of a URL or a libpq `key=value` string.
+
+    A Unix-socket folder (`?host=/path`) stays in `host`, as libpq reads it.
+    """
+    given = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
     return {
-        "host": query.get("host") or parsed.hostname or "localhost",
-        "port": str(parsed.port or query.get("port") or 5432),
-        "user": parsed.username or query.get("user") or "postgres",
-        "password": parsed.password or "",
-        "dbname": (parsed.path or "/postgres").lstrip("/") or "postgres",
+        "host": given.get("host", "localhost"),
+        "port": given.get("port", "5432"),
+        "user": given.get("user", "postgres"),
+        "password": given.get("password", ""),
+        "dbname": given.get("dbname", "postgres"),
     }
 
 

@@ -107,6 +107,11 @@ def run_dbt(
 
     log.info(
         "dbt %s for %s: %d nodes, %d passed, %d warned in %.1fs",
-        command, run_date, summary["nodes"], summary["passed"], summary["warned"], seconds,
+        command,
+        run_date,
+        summary["nodes"],
+        summary["passed"],
+        summary["warned"],
+        seconds,
     )
     return summary

@@ -26,3 +26,9 @@ def test_url_parts_keep_a_socket_folder_as_host():
     assert parts["host"] == "/tmp/pg"
     assert parts["dbname"] == "postgres"
     assert parts["user"] == "postgres"
+
+
+def test_url_parts_read_libpq_key_value_strings():
+    parts = db.url_parts("host=127.0.0.1 port=5433 user=root dbname=rec_test")
+    assert (parts["host"], parts["port"], parts["user"], parts["dbname"]) == (
+        "127.0.0.1", "5433", "root", "rec_test")

@@ -3,7 +3,8 @@
     after D are not yet known to the run that serves D.
 #}
 {% macro run_date() -%}
-    {%- set value = var('run_date') or modules.datetime.date.today().isoformat() -%}
+    {%- set today = modules.datetime.date.today().isoformat() -%}
+    {%- set value = var('run_date') or today -%}
     {%- set parsed = modules.datetime.date.fromisoformat(value | string) -%}
     date '{{ parsed.isoformat() }}'
 {%- endmacro %}
