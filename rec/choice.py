@@ -279,8 +279,14 @@ def _as_fit_data(data: ChoiceData, dtype: torch.dtype) -> ChoiceData:
     )
 
 
-def _fit(model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: int,
-         l2: float, max_iter: int) -> float:
+def _fit(
+    model: ChoiceModel,
+    data: ChoiceData,
+    slate: torch.Tensor,
+    n_slates: int,
+    l2: float,
+    max_iter: int,
+) -> float:
     """Minimise mean per-slate log-loss plus l2 with full-batch L-BFGS; returns the loss."""
     optimizer = torch.optim.LBFGS(
         model.parameters(),
@@ -301,11 +307,12 @@ def _fit(model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: in
         loss.backward()
         return loss
 
-    return float(optimizer.step(closure))
+    return float(optimizer.step(closure).detach())
 
 
-def _evaluate(model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: int
-              ) -> tuple[float, torch.Tensor]:
+def _evaluate(
+    model: ChoiceModel, data: ChoiceData, slate: torch.Tensor, n_slates: int
+) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
         nll, probability = slate_negative_log_likelihood(
             model.impression_utilities(data), slate, data.clicked, n_slates
@@ -345,6 +352,8 @@ def fit_choice_model(
     slate_ids, slate = torch.unique(data.slate, return_inverse=True)
     n_slates = slate_ids.shape[0]
 
+    # Limitation: slates are held out at random, not by day, so the held-out loss does not
+    # measure drift; and the returned model is not refitted on the held-out slates.
     generator = torch.Generator().manual_seed(seed)
     n_holdout = int(round(holdout_fraction * n_slates))
     is_holdout = torch.zeros(n_slates, dtype=torch.bool)
@@ -376,14 +385,11 @@ def fit_choice_model(
             if not name:
                 metrics["heldout_click_rate"] = held.clicked.mean().item()
                 metrics["heldout_predicted_click_rate"] = probability.mean().item()
-                metrics["heldout_calibration_error"] = calibration_error(
-                    probability, held.clicked
-                )
+                metrics["heldout_calibration_error"] = calibration_error(probability, held.clicked)
 
     metrics["fit_seconds"] = time.perf_counter() - started
     logger.info(
-        "choice model fitted on %d slates in %.1f s: train %.4f, held-out %.4f, "
-        "position-only %.4f",
+        "choice model fitted on %d slates in %.1f s: train %.4f, held-out %.4f, position-only %.4f",
         n_train,
         metrics["fit_seconds"],
         metrics["train_logloss"],

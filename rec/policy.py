@@ -116,6 +116,7 @@ class SlatePolicy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.config: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = {}
 
     def score(self, user_features: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         """(B, S) logits of services (S, D_item) for users (B, D_user)."""
@@ -160,9 +161,7 @@ def _policy_class(kind: str) -> type[SlatePolicy]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def load_slate_policy(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> SlatePolicy:
+def load_slate_policy(path: str | Path, map_location: str | torch.device = "cpu") -> SlatePolicy:
     """Restore any policy written by `SlatePolicy.save`, in eval mode.
 
     Its metadata is kept on the returned policy as `policy.metadata`.
@@ -185,7 +184,12 @@ class TwoTowerPolicy(SlatePolicy):
     kind: ClassVar[str] = "two_tower"
 
     def __init__(
-        self, n_topics: int, n_numeric: int, embed_dim: int = 16, hidden_dim: int = 64
+        self,
+        n_topics: int,
+        n_numeric: int,
+        embed_dim: int = 16,
+        hidden_dim: int = 64,
+        logit_cap: float = 25.0,
     ) -> None:
         """Create the towers.
 
@@ -194,6 +198,8 @@ class TwoTowerPolicy(SlatePolicy):
             n_numeric: F, numeric service features.
             embed_dim: size of the shared user / service embedding.
             hidden_dim: width of the user MLP.
+            logit_cap: logits are squashed into (-cap, cap), which keeps the softmax away
+                from exact zeros, so log-probabilities stay finite.
         """
         super().__init__()
         self.config = {
@@ -201,6 +207,7 @@ class TwoTowerPolicy(SlatePolicy):
             "n_numeric": n_numeric,
             "embed_dim": embed_dim,
             "hidden_dim": hidden_dim,
+            "logit_cap": logit_cap,
         }
         self.user_tower = nn.Sequential(
             nn.Linear(2 * n_topics + 1, hidden_dim),
@@ -223,4 +230,6 @@ class TwoTowerPolicy(SlatePolicy):
         """(B, S) logits."""
         users = self.user_tower(user_features)
         items = self.item_embedding(item_features)
-        return users @ items.T + self.item_bias(item_features).squeeze(1)
+        logits = users @ items.T + self.item_bias(item_features).squeeze(1)
+        cap = self.config["logit_cap"]
+        return cap * torch.tanh(logits / cap)

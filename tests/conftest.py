@@ -30,7 +30,8 @@ def _server_url(tmp_root: Path) -> str:
         return url
     import pgserver
 
-    server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="delete")
+    keep = os.environ.get("REC_TEST_KEEP_PGDATA") == "1"
+    server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="stop" if keep else "delete")
     return server.get_uri()
 
 

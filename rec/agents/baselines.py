@@ -40,6 +40,7 @@ class PopularityPolicy(SlatePolicy):
             popularity: (S,) non-negative popularity (e.g. recent clicks); zeros when omitted.
         """
         super().__init__()
+        # Limitation: bound to one catalogue in one order; a new service has no popularity.
         self.config = {"n_items": n_items}
         values = torch.zeros(n_items) if popularity is None else popularity.float().cpu()
         self.register_buffer("popularity", values)

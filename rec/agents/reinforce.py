@@ -36,7 +36,7 @@ class ReinforceArgs:
     """Seed of the policy initialisation, the slate draws and the environment."""
     num_updates: int = 150
     """Policy-gradient updates; each plays one episode for a fresh batch of users."""
-    batch_users: int = 512
+    batch_users: int = 1024
     """Users simulated in parallel per episode."""
     slate_size: int = 5
     """K, services shown per user and day."""
@@ -44,7 +44,7 @@ class ReinforceArgs:
     """Discount of the return-to-go, per simulated day."""
     learning_rate: float = 3e-3
     """Adam step size."""
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.05
     """Weight of the entropy bonus of the softmax over all services."""
     topk_correction: bool = True
     """Weight each shown service's log-probability gradient by lambda_K = K (1 - pi)^(K-1)."""
@@ -155,6 +155,9 @@ def train_reinforce(
             state, reward, _ = env.step(slates)
             rewards.append(reward)
 
+        # Limitation: every service of a slate is credited with the whole return-to-go
+        # (clicked or not), and the baseline is the day's batch mean rather than a learned
+        # value of the user state; both make the gradient noisier than it needs to be.
         reward_matrix = torch.stack(rewards, dim=1)
         returns = discounted_returns(reward_matrix, args.gamma)
         advantages = returns - returns.mean(dim=0, keepdim=True)

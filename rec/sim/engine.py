@@ -221,6 +221,7 @@ class SimEnv:
         self.catalogue = catalogue
         self.choice_model = choice_model
         self.response = response
+        response.booking_rate = response.booking_rate.to(population.device)
         self.user_model = user_model or InterestUserModel()
         self.horizon = horizon
         self.device = population.device
@@ -274,6 +275,8 @@ class SimEnv:
         state = self.state
         with torch.no_grad():
             utilities = self.choice_model.utilities(state, self.catalogue, slates)
+        # Limitation: at most one click per user and day; logged days with several clicks
+        # are fitted as several choices but never simulated as such.
         choice = sample_slate_choice(utilities, 0.0, self.generator)
         choice = torch.where(state.active, choice, torch.full_like(choice, -1))
         clicked_items = torch.where(

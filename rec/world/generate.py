@@ -133,8 +133,8 @@ def seed_world(conn: psycopg.Connection, spec: WorldSpec) -> None:
         name = f"{FIRST_NAMES[e % len(FIRST_NAMES)]} {LAST_NAMES[(e * 7) % len(LAST_NAMES)]}"
         experts.append((expert_id, name, int(expert_topics[e]), epoch))
         truth.append((expert_id, float(quality[e])))
-        for _ in range(int(rng.integers(1, 4))):
-            kind = SERVICE_KINDS[int(rng.integers(len(SERVICE_KINDS)))]
+        n_services = int(rng.integers(1, 4))
+        for kind in rng.choice(SERVICE_KINDS, size=n_services, replace=False):
             price = round(float(np.exp(rng.normal(np.log(60.0), 0.5))), 2)
             duration = int(rng.choice([30, 45, 60]))
             title = f"{TOPICS[expert_topics[e]].capitalize()}: {kind} with {name}"
