@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -27,8 +28,13 @@ MIGRATIONS_PACKAGE = "rec.migrations"
 
 def embedded_url() -> str:
     """Start (or reuse) the embedded server under REC_HOME and return its URL."""
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver then
+        # falls back to /tmp, which is what we want.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     pgdata = rec_home() / "pgdata"
     server = pgserver.get_server(pgdata, cleanup_mode=None)
     return server.get_uri()

@@ -28,7 +28,11 @@ def _server_url(tmp_root: Path) -> str:
     url = os.environ.get("REC_TEST_DATABASE_URL")
     if url:
         return url
-    import pgserver
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver
 
     keep = os.environ.get("REC_TEST_KEEP_PGDATA") == "1"
     server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="stop" if keep else "delete")
