@@ -10,6 +10,7 @@ def test_dagbag_has_no_import_errors():
 
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     assert bag.import_errors == {}
+    assert {"rec_nightly", "world_traffic"} <= set(bag.dags)
     dag = bag.dags["rec_nightly"]
     order = ["migrate", "extract", "build_features", "validate_features", "fit_choice_model",
              "train_agent", "publish"]
