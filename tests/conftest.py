@@ -46,8 +46,10 @@ def _with_database(url: str, dbname: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> str:
-    return _server_url(tmp_path_factory.mktemp("pg"))
+def server_url() -> str:
+    # Not under pytest's numbered temp folders: a concurrent pytest session prunes those,
+    # which would pull the data folder from under a running server.
+    return _server_url(Path(tempfile.mkdtemp(prefix="rec-tests-pg-")))
 
 
 @pytest.fixture(scope="session")
