@@ -44,6 +44,10 @@ class ChoiceData:
     """(N,) long 0-based position of the service in its slate."""
     clicked: torch.Tensor
     """(N,) 0/1 whether the impression was clicked."""
+    propensity: torch.Tensor | None = None
+    """(N,) probability the logging policy had of showing the item there; NaN where unknown."""
+    item_expert: torch.Tensor | None = None
+    """(S,) long id of each service's expert (any integers); no expert effects when None."""
 
     @property
     def n_impressions(self) -> int:
@@ -62,6 +66,8 @@ class ChoiceData:
             self.item[rows],
             self.position[rows],
             self.clicked[rows],
+            None if self.propensity is None else self.propensity[rows],
+            self.item_expert,
         )
 
 
@@ -70,7 +76,11 @@ class ChoiceModel(nn.Module):
 
     u(user, item, pos) = interest_u' W e_topic + a * signup_u[topic]
         + b * strength_u * interest_u[topic] + theta' numeric_item + topic_bias[topic]
-        + position_bias[pos] + intercept, with position_bias[0] = 0.
+        + expert_effect[expert] + position_bias[pos] + intercept, with position_bias[0] = 0.
+
+    Expert effects are kept per expert id (a buffer of the ids seen in the fit), so a
+    catalogue in any order finds them; an expert unseen in the fit has effect 0, the mean of
+    the shrunk effects.
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class ChoiceModel(nn.Module):
         n_positions: int,
         use_strength: bool = True,
         position_only: bool = False,
+        n_experts: int = 0,
     ) -> None:
         """Create a model with every coefficient at zero.
 
@@ -89,6 +100,8 @@ class ChoiceModel(nn.Module):
             n_positions: slate positions with their own bias; later ones share the last.
             use_strength: include the strength-times-interest term.
             position_only: use only position biases and the intercept (the baseline).
+            n_experts: E, experts with an effect of their own (0: none); set their ids
+                with `set_expert_ids` before use.
         """
         super().__init__()
         self.config = {
@@ -97,6 +110,7 @@ class ChoiceModel(nn.Module):
             "n_positions": n_positions,
             "use_strength": use_strength,
             "position_only": position_only,
+            "n_experts": n_experts,
         }
         self.affinity = nn.Parameter(torch.zeros(n_topics, n_topics))
         self.signup_coef = nn.Parameter(torch.zeros(()))
@@ -105,17 +119,37 @@ class ChoiceModel(nn.Module):
         self.topic_bias = nn.Parameter(torch.zeros(n_topics))
         self.later_position_bias = nn.Parameter(torch.zeros(max(n_positions - 1, 0)))
         self.intercept = nn.Parameter(torch.zeros(()))
+        self.expert_effect = nn.Parameter(torch.zeros(n_experts))
+        self.register_buffer("expert_ids", torch.arange(n_experts))
+
+    def set_expert_ids(self, expert_ids: torch.Tensor) -> None:
+        """Name the experts the effects belong to: (E,) distinct ids in increasing order."""
+        if expert_ids.shape != self.expert_ids.shape:
+            raise ValueError(f"expected {self.expert_ids.shape[0]} expert ids")
+        self.expert_ids.copy_(expert_ids.long())
+
+    def expert_effects(self, expert: torch.Tensor | None) -> torch.Tensor | float:
+        """Effect of each expert id in `expert` (any shape); 0 for ids unseen in the fit."""
+        if expert is None or self.config.get("n_experts", 0) == 0:
+            return 0.0
+        expert = expert.long().to(self.expert_ids.device)
+        row = torch.searchsorted(self.expert_ids, expert).clamp(max=self.expert_ids.shape[0] - 1)
+        known = self.expert_ids[row] == expert
+        return torch.where(known, self.expert_effect[row], 0.0)
 
     @property
     def position_bias(self) -> torch.Tensor:
         """(n_positions,) bias of each slate position; position 0 is the reference."""
         return torch.cat([self.later_position_bias.new_zeros(1), self.later_position_bias])
 
-    def item_utilities(self, topic: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        """(S,) the part of the utility that depends on the service alone."""
+    def item_utilities(
+        self, topic: torch.Tensor, numeric: torch.Tensor, expert: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(S,) the part of the utility that depends on the service (and its expert) alone."""
         if self.config["position_only"]:
             return numeric.new_zeros(topic.shape[0])
-        return numeric @ self.numeric_coef + self.topic_bias[topic]
+        utility = numeric @ self.numeric_coef + self.topic_bias[topic]
+        return utility + self.expert_effects(expert)
 
     def _utility(
         self,
@@ -161,7 +195,7 @@ class ChoiceModel(nn.Module):
         if positions is None:
             positions = torch.arange(slates.shape[1], device=slates.device)
         positions = positions.expand_as(slates)
-        item_part = self.item_utilities(items.topic, items.numeric)[slates]
+        item_part = self.item_utilities(items.topic, items.numeric, items.expert)[slates]
         return self._utility(
             state.interest, state.strength, state.signup, items.topic[slates], item_part, positions
         )
@@ -173,16 +207,18 @@ class ChoiceModel(nn.Module):
         signup: torch.Tensor,
         topic: torch.Tensor,
         numeric: torch.Tensor,
+        expert: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, S) utility of every service shown at position 0 to each of B users."""
         batch = interest.shape[0]
         item_topic = topic.unsqueeze(0).expand(batch, -1)
-        item_part = self.item_utilities(topic, numeric).unsqueeze(0).expand(batch, -1)
+        item_part = self.item_utilities(topic, numeric, expert).unsqueeze(0).expand(batch, -1)
         return self._utility(interest, strength, signup, item_topic, item_part, None)
 
     def impression_utilities(self, data: ChoiceData) -> torch.Tensor:
         """(N,) utility of each logged impression."""
-        item_part = self.item_utilities(data.topic, data.item_numeric)[data.item]
+        item_part = self.item_utilities(data.topic, data.item_numeric, data.item_expert)
+        item_part = item_part[data.item]
         utility = self._utility(
             data.interest[data.user],
             data.strength[data.user],
@@ -194,9 +230,10 @@ class ChoiceModel(nn.Module):
         return utility.squeeze(1)
 
     def l2_penalty(self) -> torch.Tensor:
-        """Sum of squares of every coefficient except the intercept."""
+        """Sum of squares of every coefficient except the intercept and the expert effects."""
+        skipped = ("intercept", "expert_effect")
         return sum(
-            (p.square().sum() for name, p in self.named_parameters() if name != "intercept"),
+            (p.square().sum() for name, p in self.named_parameters() if name not in skipped),
             torch.zeros((), dtype=self.intercept.dtype, device=self.intercept.device),
         )
 
@@ -218,8 +255,13 @@ class ChoiceModel(nn.Module):
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ChoiceModel:
         """Rebuild a model from a dict with `config` and `state_dict`."""
-        model = cls(**payload["config"])
-        model.load_state_dict(payload["state_dict"])
+        config, state = dict(payload["config"]), dict(payload["state_dict"])
+        if "expert_ids" not in state:  # saved before expert effects existed
+            config["n_experts"] = 0
+            state["expert_effect"] = torch.zeros(0)
+            state["expert_ids"] = torch.zeros(0, dtype=torch.long)
+        model = cls(**config)
+        model.load_state_dict(state)
         return model
 
 
@@ -253,15 +295,64 @@ def slate_negative_log_likelihood(
     return nll, torch.exp(utility - log_denominator[slate])
 
 
+def calibration_by_decile(
+    probability: torch.Tensor, outcome: torch.Tensor, bins: int = 10
+) -> list[dict[str, float]]:
+    """Predicted against observed click rate in equal-count bins of predicted probability.
+
+    Returns:
+        One dict per non-empty bin, lowest predictions first: `bin`, `n`, `predicted`
+        (mean predicted probability) and `observed` (click rate).
+    """
+    order = torch.argsort(probability)
+    rows = []
+    for index, chunk in enumerate(torch.tensor_split(order, bins)):
+        if chunk.numel():
+            rows.append({
+                "bin": index,
+                "n": int(chunk.numel()),
+                "predicted": probability[chunk].mean().item(),
+                "observed": outcome[chunk].float().mean().item(),
+            })
+    return rows
+
+
 def calibration_error(probability: torch.Tensor, outcome: torch.Tensor, bins: int = 10) -> float:
     """Expected calibration error over equal-count bins of predicted probability."""
-    order = torch.argsort(probability)
-    total = 0.0
-    for chunk in torch.tensor_split(order, bins):
-        if chunk.numel():
-            gap = (probability[chunk].mean() - outcome[chunk].mean()).abs().item()
-            total += gap * chunk.numel() / order.numel()
-    return total
+    total = sum(row["n"] for row in calibration_by_decile(probability, outcome, bins))
+    return sum(
+        abs(row["predicted"] - row["observed"]) * row["n"] / total
+        for row in calibration_by_decile(probability, outcome, bins)
+    )
+
+
+def slate_weights(
+    propensity: torch.Tensor | None, slate: torch.Tensor, n_slates: int, max_weight: float = 20.0
+) -> torch.Tensor:
+    """(n_slates,) inverse-propensity weight of each slate, with mean 1.
+
+    A slate's weight is the inverse of the geometric mean of its impressions' logged
+    propensities, clipped at `max_weight`; impressions without a propensity (NaN) count as 1.
+    Slates the serving policy showed rarely (exploration) weigh more, so the fit leans less on
+    where the old policy concentrated its slates.
+
+    Args:
+        propensity: (N,) per-impression propensities, NaN where unknown; None: all weights 1.
+        slate: (N,) long slate index in 0..n_slates-1.
+        n_slates: the number of slates.
+        max_weight: the largest weight before normalisation.
+    """
+    if propensity is None or n_slates == 0:
+        return torch.ones(n_slates, dtype=torch.float64, device=slate.device)
+    # Limitation: the product of the slot propensities is the slate's exact probability,
+    # but its inverse explodes with the slate's length; the geometric mean with clipping
+    # trades that bias for a variance the fit can live with.
+    known = ~torch.isnan(propensity)
+    log_p = torch.where(known, propensity.clamp(min=1e-6).log(), 0.0)
+    total = log_p.new_zeros(n_slates).index_add(0, slate, log_p)
+    count = log_p.new_zeros(n_slates).index_add(0, slate, known.to(log_p.dtype))
+    weight = torch.exp(-total / count.clamp(min=1.0)).clamp(max=max_weight)
+    return weight / weight.mean()
 
 
 def _as_fit_data(data: ChoiceData, dtype: torch.dtype) -> ChoiceData:
@@ -276,6 +367,8 @@ def _as_fit_data(data: ChoiceData, dtype: torch.dtype) -> ChoiceData:
         data.item.long(),
         data.position.long(),
         data.clicked.to(dtype),
+        None if data.propensity is None else data.propensity.to(dtype),
+        None if data.item_expert is None else data.item_expert.long(),
     )
 
 
@@ -286,8 +379,14 @@ def _fit(
     n_slates: int,
     l2: float,
     max_iter: int,
+    weight: torch.Tensor | None = None,
+    expert_l2: float = 0.0,
 ) -> float:
-    """Minimise mean per-slate log-loss plus l2 with full-batch L-BFGS; returns the loss."""
+    """Minimise the (weighted) mean per-slate log-loss plus penalties with full-batch L-BFGS.
+
+    The expert effects have a penalty of their own, `expert_l2`: a Gaussian prior that
+    shrinks experts with few impressions towards 0 (a random effect, fitted as a ridge).
+    """
     optimizer = torch.optim.LBFGS(
         model.parameters(),
         lr=1.0,
@@ -303,7 +402,10 @@ def _fit(
         nll, _ = slate_negative_log_likelihood(
             model.impression_utilities(data), slate, data.clicked, n_slates
         )
-        loss = nll.mean() + l2 * model.l2_penalty()
+        mean_nll = nll.mean() if weight is None else (weight * nll).sum() / weight.sum()
+        loss = mean_nll + l2 * model.l2_penalty()
+        if expert_l2:
+            loss = loss + expert_l2 * model.expert_effect.square().sum()
         loss.backward()
         return loss
 
@@ -329,7 +431,9 @@ def fit_choice_model(
     seed: int = 0,
     holdout_fraction: float = 0.2,
     use_strength: bool = True,
-) -> tuple[ChoiceModel, dict[str, float]]:
+    expert_prior_sd: float = 0.5,
+    use_propensity: bool = True,
+) -> tuple[ChoiceModel, dict[str, Any]]:
     """Fit the choice model on a random share of slates and score it on the rest.
 
     Args:
@@ -340,12 +444,20 @@ def fit_choice_model(
         seed: seed of the train/held-out split.
         holdout_fraction: share of slates held out for the metrics.
         use_strength: include the strength-times-interest term.
+        expert_prior_sd: standard deviation of the Gaussian prior that shrinks each expert's
+            effect towards 0 (used where `data` names the services' experts); experts with
+            few impressions stay near 0, busy ones are fitted by their own clicks.
+        use_propensity: weight training slates by their inverse logged propensity
+            (`slate_weights`) where `data` has propensities.
 
     Returns:
         The model fitted on the training slates (float32), and metrics: `train_logloss`,
         `heldout_logloss`, `baseline_heldout_logloss` (position biases and intercept only),
         `heldout_click_rate`, `heldout_predicted_click_rate`, `heldout_calibration_error`,
-        slate counts and `fit_seconds`.
+        `calibration_deciles` (a list of per-decile predicted and observed click rates on
+        the held-out impressions), `n_experts`, `propensity_share` (share of impressions
+        with a logged propensity), slate counts and `fit_seconds`. Held-out figures are
+        unweighted: they describe the logs as they are.
     """
     started = time.perf_counter()
     data = _as_fit_data(data, torch.float64)
@@ -370,13 +482,29 @@ def fit_choice_model(
     held, held_slate, n_held = part(True)
     n_positions = int(data.position.max().item()) + 1
     n_numeric = data.item_numeric.shape[1]
+    expert_ids = None if data.item_expert is None else torch.unique(data.item_expert).cpu()
+    n_experts = 0 if expert_ids is None else expert_ids.shape[0]
+    propensity = train.propensity if use_propensity else None
+    weight = slate_weights(propensity, train_slate, n_train) if propensity is not None else None
 
-    model = ChoiceModel(n_topics, n_numeric, n_positions, use_strength=use_strength)
+    model = ChoiceModel(
+        n_topics, n_numeric, n_positions, use_strength=use_strength, n_experts=n_experts
+    )
+    if expert_ids is not None:
+        model.set_expert_ids(expert_ids)
     baseline = ChoiceModel(n_topics, n_numeric, n_positions, position_only=True)
-    metrics: dict[str, float] = {"n_train_slates": n_train, "n_heldout_slates": n_held}
+    metrics: dict[str, Any] = {
+        "n_train_slates": n_train,
+        "n_heldout_slates": n_held,
+        "n_experts": n_experts,
+        "propensity_share": 0.0
+        if data.propensity is None
+        else (~torch.isnan(data.propensity)).double().mean().item(),
+    }
     for name, candidate in (("", model), ("baseline_", baseline)):
         candidate.to(device=data.interest.device, dtype=torch.float64)
-        _fit(candidate, train, train_slate, n_train, l2, max_iter)
+        expert_l2 = 1.0 / (2.0 * expert_prior_sd**2 * max(n_train, 1))
+        _fit(candidate, train, train_slate, n_train, l2, max_iter, weight, expert_l2)
         metrics[f"{name}train_logloss"], _ = _evaluate(candidate, train, train_slate, n_train)
         if n_held:
             metrics[f"{name}heldout_logloss"], probability = _evaluate(
@@ -386,6 +514,7 @@ def fit_choice_model(
                 metrics["heldout_click_rate"] = held.clicked.mean().item()
                 metrics["heldout_predicted_click_rate"] = probability.mean().item()
                 metrics["heldout_calibration_error"] = calibration_error(probability, held.clicked)
+                metrics["calibration_deciles"] = calibration_by_decile(probability, held.clicked)
 
     metrics["fit_seconds"] = time.perf_counter() - started
     logger.info(

@@ -59,6 +59,8 @@ class LoggedSlates:
     clicked: torch.Tensor
     booked: torch.Tensor
     states: Users
+    propensity: torch.Tensor | None = None
+    """(N,) the serving policy's probability of each impression; NaN where none was logged."""
 
 
 def n_topics(conn: psycopg.Connection) -> int:
@@ -85,16 +87,22 @@ def _signup_matrix(signups: list[list[int] | None], topics: int) -> torch.Tensor
     return signup
 
 
-def load_users(conn: psycopg.Connection) -> Users:
-    """Every user of the `user_features` mart, with their current interests."""
+def load_users(conn: psycopg.Connection, user_range: tuple[int, int] | None = None) -> Users:
+    """Every user of the `user_features` mart (or those with ids in user_range, inclusive),
+    with their current interests."""
     topics = n_topics(conn)
+    first, last = user_range or (None, None)
+    within = " where (%(first)s::bigint is null or user_id between %(first)s and %(last)s)"
+    bounds = {"first": first, "last": last}
     rows = conn.execute("select user_id, signup_topics, is_cold_start"
-                        " from analytics.user_features order by user_id").fetchall()
+                        " from analytics.user_features" + within + " order by user_id",
+                        bounds).fetchall()
     user_ids = np.array([r[0] for r in rows], dtype=np.int64)
     index = {int(u): i for i, u in enumerate(user_ids)}
     interest, strength = _interest_matrix(conn.execute(
         "select user_id, topic_id, decayed_weight, interest"
-        " from analytics.user_interest_features").fetchall(), index, (len(rows), topics))
+        " from analytics.user_interest_features" + within, bounds).fetchall(), index,
+        (len(rows), topics))
     return Users(user_ids, interest, strength, _signup_matrix([r[1] for r in rows], topics),
                  torch.tensor([bool(r[2]) for r in rows]))
 
@@ -128,7 +136,7 @@ def load_logged_slates(conn: psycopg.Connection, items: Items) -> LoggedSlates:
     topics = n_topics(conn)
     rows = conn.execute(
         "select s.slate_id, s.user_id, s.event_date, s.service_id, s.position, s.clicked,"
-        " s.booked, u.signup_topics from analytics.choice_training_slates s"
+        " s.booked, u.signup_topics, s.propensity from analytics.choice_training_slates s"
         " left join analytics.user_features u using (user_id)"
         " order by s.event_date, s.slate_id, s.position").fetchall()
     item_index = {int(s): i for i, s in enumerate(items.service_ids)}
@@ -160,4 +168,7 @@ def load_logged_slates(conn: psycopg.Connection, items: Items) -> LoggedSlates:
         clicked=torch.tensor([bool(r[5]) for r in rows]),
         booked=torch.tensor([bool(r[6]) for r in rows]),
         states=states,
+        propensity=torch.tensor(
+            [float("nan") if r[8] is None else float(r[8]) for r in rows], dtype=torch.float64
+        ),
     )

@@ -69,7 +69,8 @@ def choice_data(slates: LoggedSlates, items: Items):
         interest=slates.states.interest, strength=slates.states.strength,
         signup=slates.states.signup, topic=items.topic, item_numeric=items.numeric,
         slate=slates.slate, user=slates.state, item=slates.item, position=slates.position,
-        clicked=slates.clicked.float(),
+        clicked=slates.clicked.float(), propensity=slates.propensity,
+        item_expert=torch.as_tensor(items.expert_ids, dtype=torch.long),
     )
 
 
@@ -91,7 +92,7 @@ def fit_choice(run_date: date, run_id: str, config: RunConfig | None = None,
     version = model_version(run_date, run_id)
     path = run_folder(run_date) / "choice.pt"
     model.save(path, metadata={"model_version": version, "run_date": run_date.isoformat()})
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {k: v if isinstance(v, list) else float(v) for k, v in metrics.items()}
     with db.transaction(url) as conn:
         record_run(conn, run_id, run_date, "choice", version, path, metrics)
     return metrics
@@ -124,7 +125,8 @@ def train_agent(run_date: date, run_id: str, config: RunConfig | None = None,
 
     env = SimEnv(
         population=UserState.from_features(users.interest, users.strength, users.signup),
-        catalogue=Catalogue(items.topic, items.numeric),
+        catalogue=Catalogue(items.topic, items.numeric,
+                            torch.as_tensor(items.expert_ids, dtype=torch.long)),
         choice_model=choice_model,
         response=BookingResponse(items.booking_rate),
         horizon=config.horizon,
@@ -155,6 +157,8 @@ def train_agent(run_date: date, run_id: str, config: RunConfig | None = None,
         "final_return": float(train_metrics["final_mean_return"]),
         **baselines,
         "p_active": float(env.p_active),
+        "population_users": len(users),
+        "population_cold_start": int(users.cold.sum()),
         "warm_start": previous is not None,
         "learning_curve": [float(x) for x in train_metrics["learning_curve"]],
         "args": json.loads(json.dumps(asdict(args))),

@@ -73,4 +73,6 @@ class MyopicPolicy(SlatePolicy):
         n_topics = self.choice_model.config["n_topics"]
         interest, strength, signup = split_user_features(user_features, n_topics)
         topic, numeric = split_item_features(item_features, n_topics)
+        # Limitation: service features do not name the expert, so the choice model's expert
+        # effects are left out of this ranking; it is myopic in features, not in experts.
         return self.choice_model.all_item_utilities(interest, strength, signup, topic, numeric)

@@ -3,6 +3,8 @@
 Users are rows of tensors. One `SimEnv.step` is one day for every user of the batch: the
 active users look at the slate they were shown, choose at most one service through a choice
 model, maybe book it, and their interest state moves the way the nightly features move.
+The choice sampler and the small interfaces here (item sampler, choice model) also serve the
+presets, such as `rec.sim.recsim`, whose users and responses follow other rules.
 """
 
 from __future__ import annotations
@@ -39,8 +41,30 @@ def sample_slate_choice(
         no_click_utility, dtype=utilities.dtype, device=utilities.device
     ).expand(batch)
     logits = torch.cat([utilities, no_click.unsqueeze(1)], dim=1)
-    choice = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
-    return torch.where(choice == utilities.shape[1], torch.full_like(choice, -1), choice)
+    return sample_from_weights(torch.softmax(logits, dim=1), generator)
+
+
+def sample_from_weights(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one option per row with probability proportional to its weight.
+
+    The last column is the no-click option. One uniform per row is compared with the running
+    sum of the weights (inverse CDF), which is cheaper than `torch.multinomial` for the few
+    options of a slate.
+
+    Args:
+        weights: (B, K + 1) non-negative weights; column K is the no-click option.
+        generator: the seeded source of randomness.
+
+    Returns:
+        (B,) index of the chosen item in 0..K-1, or -1 where the no-click option was drawn.
+    """
+    cumulative = weights.cumsum(dim=1)
+    draws = torch.rand(
+        weights.shape[0], generator=generator, device=weights.device, dtype=weights.dtype
+    )
+    threshold = (draws * cumulative[:, -1]).unsqueeze(1)
+    choice = (cumulative[:, :-1] <= threshold).sum(dim=1)
+    return torch.where(choice == weights.shape[1] - 1, -1, choice)
 
 
 @dataclass
@@ -95,6 +119,8 @@ class Catalogue:
     """(S,) long topic of each service."""
     numeric: torch.Tensor
     """(S, F) standardised numeric features (log price, smoothed CTR, smoothed rating, ...)."""
+    expert: torch.Tensor | None = None
+    """(S,) long id of each service's expert, for choice models with expert effects."""
 
     @property
     def n_items(self) -> int:
@@ -112,6 +138,22 @@ class SlateChoiceModel(Protocol):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, K) utility of each item of each slate (positions default to 0..K-1)."""
+        ...
+
+
+class ItemSampler(Protocol):
+    """Draws the candidate items each user can be shown at a step."""
+
+    def sample(self, n_users: int, generator: torch.Generator) -> torch.Tensor:
+        """(n_users, C) long ids of each user's candidates (catalogue rows or cluster ids)."""
+        ...
+
+
+class ProbabilityChoiceModel(Protocol):
+    """Turns slate scores into choice weights; the last column is the no-click option."""
+
+    def weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, K + 1) non-negative weights from (B, K) scores, for `sample_from_weights`."""
         ...
 
 
