@@ -85,6 +85,62 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    import torch
+
+    from rec.sim.recsim import RECSIM_RETURNS, RECSIM_STEPS_PER_S, evaluate, make_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = make_policy(args.policy, seed=args.seed + 1, device=args.device)
+    result = evaluate(policy, args.episodes, seed=args.seed, batch_size=args.batch_size,
+                      device=args.device, workers=args.workers)
+    result = {"preset": args.preset, "policy": args.policy, "seed": args.seed, **result,
+              "recsim_return": RECSIM_RETURNS.get(args.policy),
+              "speedup_vs_recsim": result["steps_per_s"] / RECSIM_STEPS_PER_S}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from rec import db
+    from rec.ingest.open_bandit import ingest_open_bandit
+
+    db.migrate()
+    summary = ingest_open_bandit(args.path, args.campaign)
+    load = summary["load"]
+    print(f"{summary['source']}: read {load['rows_read']} rows, accepted {load['rows_accepted']},"
+          f" quarantined {load['rows_quarantined']} (ingest.open_bandit_quarantine);"
+          f" {load['users']} users, {load['services']} services, {load['impressions']}"
+          f" impressions, {load['clicks']} clicks; {len(summary.get('extract', {}))} days"
+          " extracted, marts built and validated")
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_ope(args: argparse.Namespace) -> int:
+    from rec.open_bandit import evaluate_bts
+
+    result = evaluate_bts(args.random, args.bts, args.campaign, prior_file=args.prior,
+                          n_sim=args.n_sim, n_boot=args.n_boot, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"campaign {result['campaign']}: BTS CTR observed {result['observed_ctr']:.5f}")
+    for name, e in result["estimators"].items():
+        print(f"{name:>6}: {e['estimate']:.5f}  95% CI [{e['ci'][0]:.5f}, {e['ci'][1]:.5f}]"
+              f"  relative error {e['relative_error']:.2f}")
+    model = result["choice_model"]
+    print(f"choice model held-out log-loss {model['heldout_logloss']:.5f},"
+          f" position-only {model['baseline_logloss']:.5f}")
+    return 0
+
+
 def cmd_airflow(args: argparse.Namespace) -> int:
     from rec.orchestrate import airflow_command, ensure_metadata_db
 
@@ -131,6 +187,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", type=int, required=True)
     p.add_argument("--date", type=_date)
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("sim", help="play episodes of a simulator preset with a policy")
+    ssub = p.add_subparsers(dest="action", required=True)
+    evaluate = ssub.add_parser("evaluate", help="mean return, its SEM, CTR and user-steps/s")
+    evaluate.add_argument("--preset", choices=["recsim"], default="recsim")
+    evaluate.add_argument("--policy", default="random",
+                          help="random, myopic, oracle, or the path of a saved policy")
+    evaluate.add_argument("--episodes", type=int, default=300)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=25_000,
+                          help="episodes simulated together")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--threads", type=int, default=1,
+                          help="torch threads (0: torch's default); one is fastest when the"
+                          " cores are shared, as a busy core stalls every multi-threaded op")
+    evaluate.add_argument("--workers", type=int, default=2,
+                          help="processes playing batches side by side (same figures)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("ingest", help="load an external dataset into the app schema")
+    isub = p.add_subparsers(dest="dataset", required=True)
+    obd = isub.add_parser("open-bandit", help="a campaign folder of the Open Bandit Dataset")
+    obd.add_argument("--path", required=True,
+                     help="the campaign folder (random/men), or its policy folder with --campaign")
+    obd.add_argument("--campaign", help="the campaign (default: the folder's name)")
+    obd.add_argument("--json", action="store_true", help="also print the full summary as JSON")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ope", help="off-policy evaluation on logged data")
+    osub = p.add_subparsers(dest="dataset", required=True)
+    obd = osub.add_parser("open-bandit",
+                          help="estimate BTS's CTR from random-policy logs, compare with its own")
+    obd.add_argument("--random", required=True, help="the random policy's (campaign) folder")
+    obd.add_argument("--bts", required=True, help="the BTS policy's (campaign) folder")
+    obd.add_argument("--campaign", help="the campaign (default: the random folder's name)")
+    obd.add_argument("--prior", help="prior_bts.yaml (default: found beside the folders)")
+    obd.add_argument("--n-sim", type=int, default=100_000, help="Monte Carlo draws of BTS")
+    obd.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
+    obd.add_argument("--seed", type=int, default=0)
+    obd.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_ope)
 
     p = sub.add_parser("airflow", help="run an airflow command with the project's environment")
     p.add_argument("airflow_args", nargs=argparse.REMAINDER)
