@@ -19,6 +19,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check rec dags data_checks tests bench
+	$(BIN)/python -m rec.sqllint
 
 test: lint
 	$(BIN)/pytest

@@ -1,7 +1,8 @@
 """Validates the marts of one nightly run with Great Expectations before any model reads them.
 
 `validate_marts` runs every suite of `data_checks.suites` against the analytics
-schema and raises `DataCheckError`, which stops the nightly run, when one fails.
+schema, renders the results into GX Data Docs under `REC_HOME/gx/data_docs`, and
+raises `DataCheckError`, which stops the nightly run, when one fails.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import datetime
 import logging
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rec.config import rec_home
 from rec.db import connect, database_url, url_parts
 
 if TYPE_CHECKING:
@@ -21,6 +24,45 @@ log = logging.getLogger(__name__)
 
 ANALYTICS_SCHEMA = "analytics"
 DATASOURCE_NAME = "rec_analytics"
+DOCS_SITE = "rec_data_docs"
+
+
+def data_docs_dir() -> Path:
+    """GX Data Docs of every validation: open index.html in a browser."""
+    return rec_home() / "gx" / "data_docs"
+
+
+def _context_config():
+    """An in-memory GX context, except validation results and Data Docs, kept on disk.
+
+    Suites, sources and checkpoints are rebuilt from code on every run, so only what
+    the Data Docs index lists, each run's results, needs to outlive the process.
+    """
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+    )
+
+    def on_disk(folder: Path) -> dict:
+        return {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder)}
+
+    # Limitation: results and their pages accumulate, one set per validation; nothing
+    # prunes them (a few hundred kilobytes a night).
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False)
+    )
+    config.stores[config.validation_results_store_name] = {
+        "class_name": "ValidationResultsStore",
+        "store_backend": on_disk(rec_home() / "gx" / "validations"),
+    }
+    config.data_docs_sites = {
+        DOCS_SITE: {
+            "class_name": "SiteBuilder",
+            "store_backend": on_disk(data_docs_dir()),
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    }
+    return config
 
 
 class DataCheckError(RuntimeError):
@@ -96,6 +138,8 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
         DataCheckError: a suite failed; the message names each suite and expectation.
     """
     import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.datasource.fluent.interfaces import (
         GxDatasourceWarning,
@@ -109,7 +153,7 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
     url = url or database_url()
     started = time.perf_counter()
 
-    context = gx.get_context(mode="ephemeral")
+    context = gx.get_context(project_config=_context_config(), mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     with warnings.catch_warnings():
         # The generic SQL source is on purpose: the Postgres one rejects socket URLs.
@@ -121,6 +165,7 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
         )
 
     summary: dict[str, dict] = {}
+    definitions = []
     for suite in build_suites(_run_facts(url, run_date)):
         try:
             asset = source.add_table_asset(name=suite.name, table_name=suite.name)
@@ -130,26 +175,40 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
             log.error("GX suite %s: table cannot be read", suite.name)
             continue
         batch = asset.add_batch_definition_whole_table(f"{suite.name}_whole_table")
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(
-                name=f"{suite.name}_{run_date.isoformat()}",
-                data=batch,
-                suite=context.suites.add(suite),
+        definitions.append(
+            context.validation_definitions.add(
+                gx.ValidationDefinition(
+                    name=f"{suite.name}_{run_date.isoformat()}",
+                    data=batch,
+                    suite=context.suites.add(suite),
+                )
             )
         )
-        outcome = definition.run(result_format="SUMMARY")
-        failed = [_describe_failure(r) for r in outcome.results if not r.success]
-        summary[suite.name] = {
-            "success": bool(outcome.success),
-            "evaluated": len(outcome.results),
-            "failed": failed,
-        }
-        log.info(
-            "GX suite %s: %d expectations, %d failed",
-            suite.name,
-            len(outcome.results),
-            len(failed),
+
+    if definitions:
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"rec_marts_{run_date.isoformat()}",
+                validation_definitions=definitions,
+                actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+                result_format="SUMMARY",
+            )
         )
+        run_id = RunIdentifier(run_name=f"marts_for_{run_date.isoformat()}")
+        for outcome in checkpoint.run(run_id=run_id).run_results.values():
+            failed = [_describe_failure(r) for r in outcome.results if not r.success]
+            summary[outcome.suite_name] = {
+                "success": bool(outcome.success),
+                "evaluated": len(outcome.results),
+                "failed": failed,
+            }
+            log.info(
+                "GX suite %s: %d expectations, %d failed",
+                outcome.suite_name,
+                len(outcome.results),
+                len(failed),
+            )
+        log.info("GX data docs for %s: %s", run_date, data_docs_dir() / "index.html")
 
     log.info(
         "validated %d marts for %s in %.1fs", len(summary), run_date, time.perf_counter() - started

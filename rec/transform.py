@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from rec.config import REPO_ROOT, rec_home
 from rec.db import database_url, url_parts
@@ -22,16 +24,33 @@ DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 FAILED_STATUSES = {"error", "fail", "runtime error"}
 
 
-def _set_connection_env(url: str) -> None:
+def set_connection_env(url: str) -> None:
     """Expose the URL's parts under the names profiles.yml reads."""
     parts = url_parts(url)
     for part in ("host", "port", "user", "password", "dbname"):
         os.environ[f"REC_PG_{part.upper()}"] = parts[part]
 
 
-def _dbt_args(command: str, run_date: datetime.date, history_days: int) -> list[str]:
-    dbt_home = rec_home() / "dbt"
+def dbt_home() -> Path:
+    """Where dbt's target folders, logs and the generated docs live."""
+    return rec_home() / "dbt"
+
+
+def docs_dir() -> Path:
+    """The static dbt docs site (index.html, manifest.json, catalog.json)."""
+    return dbt_home() / "docs"
+
+
+def _dbt_args(
+    command: str,
+    run_date: datetime.date,
+    history_days: int,
+    select: str | None,
+    target_path: Path,
+    extra: Sequence[str],
+) -> list[str]:
     variables = {"run_date": run_date.isoformat(), "history_days": history_days}
+    selection = ["--select", select] if select else []
     return [
         "--log-level",
         "warn",
@@ -39,16 +58,18 @@ def _dbt_args(command: str, run_date: datetime.date, history_days: int) -> list[
         "--no-send-anonymous-usage-stats",
         "--no-version-check",
         "--log-path",
-        str(dbt_home / "logs"),
-        command,
+        str(dbt_home() / "logs"),
+        *command.split(),
         "--project-dir",
         str(DBT_PROJECT_DIR),
         "--profiles-dir",
         str(DBT_PROJECT_DIR),
         "--target-path",
-        str(dbt_home / "target"),
+        str(target_path),
         "--vars",
         json.dumps(variables),
+        *selection,
+        *extra,
     ]
 
 
@@ -57,14 +78,21 @@ def run_dbt(
     url: str | None = None,
     command: str = "build",
     history_days: int = 28,
+    select: str | None = None,
+    target_path: Path | None = None,
+    extra: Sequence[str] = (),
 ) -> dict:
     """Run a dbt command (`build` by default) for the nightly run serving `run_date`.
 
     Args:
         run_date: The logical date D; only events before D are read.
         url: Database URL; the pipeline's database when None.
-        command: The dbt command to run (build, run, test, compile, ...).
+        command: The dbt command to run (build, run, test, source freshness, ...).
         history_days: Days of logged slates in `choice_training_slates`.
+        select: A dbt node selection (`--select`); the whole project when None.
+        target_path: dbt's target folder; `REC_HOME/dbt/target` when None. Commands that
+            may run at the same time need folders of their own.
+        extra: Further arguments of the command.
 
     Returns:
         A summary: command, run_date, nodes (count), passed, failed, skipped, seconds.
@@ -74,8 +102,9 @@ def run_dbt(
     """
     from dbt.cli.main import dbtRunner
 
-    _set_connection_env(url or database_url())
-    args = _dbt_args(command, run_date, history_days)
+    set_connection_env(url or database_url())
+    args = _dbt_args(command, run_date, history_days, select,
+                     target_path or dbt_home() / "target", extra)
 
     started = time.perf_counter()
     outcome = dbtRunner().invoke(args)
@@ -86,6 +115,7 @@ def run_dbt(
     failed = [r for r, s in zip(results, statuses, strict=True) if s in FAILED_STATUSES]
     summary = {
         "command": command,
+        "select": select,
         "run_date": run_date.isoformat(),
         "nodes": len(results),
         "passed": sum(s in {"success", "pass"} for s in statuses),
@@ -100,14 +130,16 @@ def run_dbt(
         if outcome.exception is not None:
             lines.append(f"{type(outcome.exception).__name__}: {outcome.exception}")
         detail = "\n  ".join(lines) or "no node reported an error"
+        selected = f" --select {select}" if select else ""
         raise RuntimeError(
-            f"dbt {command} for {run_date} failed ({summary['failed']} failed, "
+            f"dbt {command}{selected} for {run_date} failed ({summary['failed']} failed, "
             f"{summary['skipped']} skipped):\n  {detail}"
         )
 
     log.info(
-        "dbt %s for %s: %d nodes, %d passed, %d warned in %.1fs",
+        "dbt %s %s for %s: %d nodes, %d passed, %d warned in %.1fs",
         command,
+        select or "(all)",
         run_date,
         summary["nodes"],
         summary["passed"],
@@ -115,3 +147,21 @@ def run_dbt(
         seconds,
     )
     return summary
+
+
+def generate_docs(run_date: datetime.date, url: str | None = None) -> Path:
+    """`dbt docs generate` into `docs_dir()`: a static site to open or serve.
+
+    The catalog reads the built relations' columns and types from the database, so
+    this runs after the models are built.
+
+    Returns:
+        The site's index.html.
+    """
+    site = docs_dir()
+    run_dbt(run_date, url, command="docs generate", target_path=site)
+    index = site / "index.html"
+    if not index.exists() or not (site / "catalog.json").exists():
+        raise RuntimeError(f"dbt docs generate left no site in {site}")
+    log.info("dbt docs for %s written to %s", run_date, index)
+    return index

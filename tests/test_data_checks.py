@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from test_transform import RUN_DATE, insert_tiny_dataset
 
-from data_checks.validate import DataCheckError, sqlalchemy_url, validate_marts
+from data_checks.validate import DataCheckError, data_docs_dir, sqlalchemy_url, validate_marts
 from rec.transform import run_dbt
 
 SUITES = {"user_interest_features", "user_features", "expert_features", "choice_training_slates"}
@@ -39,6 +39,13 @@ def test_marts_pass_and_defects_stop_the_run(fresh_database):
     assert all(suite["success"] and suite["evaluated"] >= 8 for suite in summary.values())
     assert all(suite["failed"] == [] for suite in summary.values())
 
+    site = data_docs_dir()
+    pages = list((site / "validations").rglob("*.html"))
+    assert {page.relative_to(site / "validations").parts[0] for page in pages} >= SUITES
+    assert "marts_for_2024-03-10" in "".join(str(page) for page in pages)
+    index = (site / "index.html").read_text()
+    assert all(name in index for name in SUITES)
+
     with psycopg.connect(fresh_database) as conn:
         conn.execute(
             "update analytics.user_interest_features set interest = 1.7"
@@ -48,6 +55,8 @@ def test_marts_pass_and_defects_stop_the_run(fresh_database):
 
     with pytest.raises(DataCheckError) as raised:
         validate_marts(RUN_DATE, fresh_database)
+    # The failing run gets pages of its own beside the passing run's.
+    assert len(list((site / "validations").rglob("*.html"))) == len(pages) + len(SUITES)
     message = str(raised.value)
     assert "user_interest_features: expect_column_values_to_be_between column=interest" in message
     assert "[1.7]" in message

@@ -32,11 +32,26 @@ reviews as (
 
 weighted_interactions as (
 
-    select user_id, service_id, event_date, 1.0 as weight from clicks
+    select
+        user_id,
+        service_id,
+        event_date,
+        1.0 as weight
+    from clicks
     union all
-    select user_id, service_id, event_date, 2.0 as weight from likes
+    select
+        user_id,
+        service_id,
+        event_date,
+        2.0 as weight
+    from likes
     union all
-    select user_id, service_id, event_date, 4.0 as weight from bookings
+    select
+        user_id,
+        service_id,
+        event_date,
+        4.0 as weight
+    from bookings
     union all
     select
         user_id,

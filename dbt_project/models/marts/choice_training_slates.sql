@@ -35,7 +35,10 @@ impressions_in_history as (
 
 clicked_slots as (
 
-    select distinct slate_id, user_id, service_id
+    select distinct
+        slate_id,
+        user_id,
+        service_id
     from clicks
     where slate_id is not null
 
@@ -43,7 +46,10 @@ clicked_slots as (
 
 booked_slots as (
 
-    select distinct slate_id, user_id, service_id
+    select distinct
+        slate_id,
+        user_id,
+        service_id
     from bookings
     where slate_id is not null
 

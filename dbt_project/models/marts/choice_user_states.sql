@@ -35,7 +35,7 @@ weights_before_each_day as (
     inner join daily_weights
         on
             user_days.user_id = daily_weights.user_id
-            and daily_weights.event_date < user_days.state_date
+            and user_days.state_date > daily_weights.event_date
 
 ),
 

@@ -38,16 +38,35 @@ reviews as (
 
 service_events as (
 
-    select service_id, 'impression' as kind, null::int as rating
+    select
+        service_id,
+        'impression' as kind,
+        null::int as rating
     from impressions
     union all
-    select service_id, 'click' as kind, null::int as rating from clicks
+    select
+        service_id,
+        'click' as kind,
+        null::int as rating
+    from clicks
     union all
-    select service_id, 'like' as kind, null::int as rating from likes
+    select
+        service_id,
+        'like' as kind,
+        null::int as rating
+    from likes
     union all
-    select service_id, 'booking' as kind, null::int as rating from bookings
+    select
+        service_id,
+        'booking' as kind,
+        null::int as rating
+    from bookings
     union all
-    select service_id, 'review' as kind, rating::int as rating from reviews
+    select
+        service_id,
+        'review' as kind,
+        rating::int as rating
+    from reviews
 
 ),
 

@@ -45,13 +45,29 @@ users_before_run as (
 
 interactions as (
 
-    select user_id, event_date, 'click' as kind from clicks
+    select
+        user_id,
+        event_date,
+        'click' as kind
+    from clicks
     union all
-    select user_id, event_date, 'like' as kind from likes
+    select
+        user_id,
+        event_date,
+        'like' as kind
+    from likes
     union all
-    select user_id, event_date, 'booking' as kind from bookings
+    select
+        user_id,
+        event_date,
+        'booking' as kind
+    from bookings
     union all
-    select user_id, event_date, 'review' as kind from reviews
+    select
+        user_id,
+        event_date,
+        'review' as kind
+    from reviews
 
 ),
 
@@ -89,11 +105,11 @@ final as (
         users_before_run.signup_topics,
 
         ---------- interactions before the run date
+        interaction_counts.last_active_date,
         coalesce(interaction_counts.n_clicks, 0) as n_clicks,
         coalesce(interaction_counts.n_likes, 0) as n_likes,
         coalesce(interaction_counts.n_bookings, 0) as n_bookings,
         coalesce(interaction_counts.n_reviews, 0) as n_reviews,
-        interaction_counts.last_active_date,
         coalesce(
             interest_totals.total_decayed_weight, 0
         )::double precision as total_decayed_weight,
