@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
-RECOMMENDATIONS = Asset(name="rec_recommendations", uri="rec://recommendations")
+from rec.assets import RECOMMENDATIONS
+from rec.dbt_tasks import dbt_task_group
 
-DB_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+# Database-bound tasks retry with a doubling delay (30 s, 60 s), capped at ten minutes.
+DB_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+              "max_retry_delay": timedelta(minutes=10)}
 
 
 def _run_date(context) -> str:
@@ -35,6 +38,8 @@ def _run_date(context) -> str:
                              description="share of slots sampled from the policy"),
         "agent_steps": Param(150, type="integer", minimum=1,
                              description="REINFORCE updates this night"),
+        "history_days": Param(28, type="integer", minimum=1, maximum=365,
+                              description="days of logged slates the models learn from"),
     },
 )
 def rec_nightly():
@@ -52,15 +57,6 @@ def rec_nightly():
 
         return extract_day(context["data_interval_start"], context["data_interval_end"],
                            context["run_id"])
-
-    @task(**DB_RETRIES)
-    def build_features(**context) -> dict:
-        """`dbt build`: staging, intermediate and mart models with their tests."""
-        from datetime import date
-
-        from rec.transform import run_dbt
-
-        return run_dbt(date.fromisoformat(_run_date(context)))
 
     @task
     def validate_features(**context) -> dict:
@@ -93,19 +89,49 @@ def rec_nightly():
         config = RunConfig.from_env(**context["params"])
         return train(date.fromisoformat(_run_date(context)), context["run_id"], config)
 
-    @task(outlets=[RECOMMENDATIONS], **DB_RETRIES)
-    def publish(**context) -> dict:
-        """Write every user's top-N list for the run date in one transaction."""
+    # Publishing: user shards are scored in parallel by mapped tasks (one per shard, on any
+    # executor), each COPYing into the run's staging table; swap_in makes the date visible.
+    @task(**DB_RETRIES)
+    def plan_shards(**context) -> list[dict]:
+        """Create the run's empty staging table and split the users into id ranges."""
         from datetime import date
 
         from rec.config import RunConfig
-        from rec.publish import publish as publish_lists
+        from rec.publish import plan_shards as plan
 
         config = RunConfig.from_env(**context["params"])
-        return publish_lists(date.fromisoformat(_run_date(context)), context["run_id"], config)
+        return plan(date.fromisoformat(_run_date(context)), context["run_id"],
+                    config.users_per_shard)
 
-    (migrate() >> extract() >> build_features() >> validate_features()
-     >> fit_choice_model() >> train_agent() >> publish())
+    @task(**DB_RETRIES)
+    def score_shard(shard: dict, **context) -> dict:
+        """Score one shard's users and COPY their top-N lists into the staging table."""
+        from datetime import date
+
+        from rec.config import RunConfig
+        from rec.publish import write_shard
+
+        config = RunConfig.from_env(**context["params"])
+        return write_shard(date.fromisoformat(_run_date(context)), context["run_id"], shard,
+                           config)
+
+    @task(outlets=[RECOMMENDATIONS], **DB_RETRIES)
+    def swap_in(shards: list[dict], **context) -> dict:
+        """Index the complete list and swap it in as the date's partition, in one transaction."""
+        from datetime import date
+
+        from rec.config import RunConfig
+        from rec.publish import finish
+
+        config = RunConfig.from_env(**context["params"])
+        return finish(date.fromisoformat(_run_date(context)), context["run_id"], list(shards),
+                      config)
+
+    shards = plan_shards()
+    swap_in(score_shard.expand(shard=shards))
+
+    (migrate() >> extract() >> dbt_task_group() >> validate_features()
+     >> fit_choice_model() >> train_agent() >> shards)
 
 
 rec_nightly()

@@ -44,6 +44,10 @@ class RunConfig:
     """REINFORCE updates per night (warm-started from the previous night's policy)."""
     horizon: int = 8
     """Simulated days per training episode: the agent optimises this many days ahead."""
+    keep_runs: int = 30
+    """Run dates whose published lists stay queryable; older partitions are dropped."""
+    users_per_shard: int = 250_000
+    """Users scored by one mapped Airflow task (one shard) when publishing."""
     seed: int = 0
     """Seed of every random draw in fitting, training and publishing."""
 
@@ -53,6 +57,8 @@ class RunConfig:
             "top_n": os.environ.get("REC_TOP_N"),
             "exploration": os.environ.get("REC_EXPLORATION"),
             "agent_steps": os.environ.get("REC_AGENT_STEPS"),
+            "keep_runs": os.environ.get("REC_KEEP_RUNS"),
+            "users_per_shard": os.environ.get("REC_USERS_PER_SHARD"),
         }
         values = {k: type(getattr(cls, k))(v) for k, v in env.items() if v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})

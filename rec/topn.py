@@ -1,0 +1,190 @@
+"""Exact top-N with exploration over large catalogues, without a per-slot pass over all items.
+
+The slate procedure is the one `rec.policy.top_n_with_exploration` documents: at each slot,
+with probability 1 - exploration the best remaining service is taken, else one is drawn from
+the softmax of the remaining scores. Its propensity is (1 - exploration) * 1[argmax]
++ exploration * softmax_remaining(chosen).
+
+It runs in two steps. `summarise` makes one pass over a (B, S) score block while it sits in
+cache: the n best services (candidates), their softmax weights, and the summed weights of the
+other services per block. Block b holds the BLOCK columns b, b + W/BLOCK, b + 2W/BLOCK, ...
+of the padded width W: strided blocks make block reductions vectorise across blocks.
+Greedy slots only ever take candidates (before slot t at most t are gone, so one of the n best
+always remains), so `select` runs the n slots on those small tensors: an exploration draw
+picks "a candidate" or "the tail" by their remaining mass, then a tail block by its mass, then
+a service inside that block, whose weights a callback recomputes (16 dot products). Every
+probability is a ratio of exact remaining masses (kept in float64), so the draws and
+propensities are those of the slot-by-slot softmax procedure, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 16
+"""Columns per tail block: the unit of the two-level exploration draw."""
+
+BlockWeights = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(rows (k,), blocks (k,)) -> (softmax weights (k, BLOCK), scores (k, BLOCK)) of the
+block's services; columns past the catalogue have weight 0."""
+
+
+@dataclass
+class Candidates:
+    """What `select` needs from a block of users' scores."""
+
+    index: torch.Tensor
+    """(R, n) long: the n best services, best first."""
+    score: torch.Tensor
+    """(R, n) float32: their scores."""
+    weight: torch.Tensor
+    """(R, n) float64: their unnormalised softmax weights."""
+    tail: torch.Tensor
+    """(R, blocks) float64: summed weights of the other services, per block."""
+
+
+def block_columns(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """(k, BLOCK) columns of the given blocks (k,)."""
+    return blocks.unsqueeze(-1) + n_blocks * torch.arange(BLOCK)
+
+
+def padded_width(n_items: int) -> int:
+    """The catalogue width rounded up to whole blocks."""
+    return -(-n_items // BLOCK) * BLOCK
+
+
+def top_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) column indices of the n largest keys per row, best first.
+
+    Each of the n best lies in one of the n blocks with the largest maxima (a block ranked
+    below n has n larger block maxima, hence n larger keys), so only those blocks are sorted.
+    `keys` has a width that is a multiple of BLOCK, padding filled with -inf.
+    """
+    batch, width = keys.shape
+    blocks = width // BLOCK
+    if blocks < 2 * n:
+        return torch.topk(keys, n, dim=1).indices
+    block_max = keys.view(batch, BLOCK, blocks).amax(dim=1)
+    best_blocks = torch.topk(block_max, n, dim=1, sorted=False).indices
+    columns = block_columns(best_blocks, blocks).view(batch, n * BLOCK)
+    local = torch.topk(keys.gather(1, columns), n, dim=1).indices
+    return columns.gather(1, local)
+
+
+def summarise(keys: torch.Tensor, n: int, n_items: int,
+              to_weights: Callable[[torch.Tensor], None],
+              to_scores: Callable[[torch.Tensor], torch.Tensor]) -> Candidates:
+    """Candidates and tail masses of one cache-sized block of users.
+
+    Args:
+        keys: (B, padded_width(n_items)) keys monotone in the scores; overwritten.
+        n: slots per user.
+        n_items: real columns; the rest is padding.
+        to_weights: turns keys into softmax weights in place.
+        to_scores: maps candidate keys to scores.
+    """
+    keys[:, n_items:] = float("-inf")
+    index = top_keys(keys, n)
+    score = to_scores(keys.gather(1, index))
+    to_weights(keys)
+    keys[:, n_items:] = 0.0
+    weight = keys.gather(1, index).double()
+    keys.scatter_(1, index, 0.0)
+    tail = keys.view(keys.shape[0], BLOCK, -1).sum(dim=1).double()
+    return Candidates(index, score, weight, tail)
+
+
+def _draw(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """First column whose cumulative mass exceeds target (the last positive one at most)."""
+    last = cumulative.shape[1] - 1
+    target = torch.minimum(target, cumulative[:, -1] * (1.0 - 1e-12))
+    return torch.searchsorted(cumulative, target.unsqueeze(1), right=True).squeeze(1).clamp(
+        max=last)
+
+
+def _tail_draws(cands: Candidates, tail: torch.Tensor, tail_taken: torch.Tensor,
+                rows: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+                block_weights: BlockWeights) -> tuple[torch.Tensor, ...]:
+    """One draw from each row's remaining tail, target in [0, its tail mass).
+
+    Picks a block by its remaining mass, then a service inside it by its recomputed weight;
+    updates the block's mass in `tail`. Returns (items, their weights, their scores).
+    """
+    block = _draw(tail[rows].cumsum(1), target)
+    weight, block_score = block_weights(rows, block)
+    weight = weight.double()
+    items = block_columns(block, tail.shape[1])
+    gone = torch.cat([cands.index[rows], tail_taken[rows]], dim=1)
+    weight[(items.unsqueeze(2) == gone.unsqueeze(1)).any(dim=2)] = 0.0
+    inner_target = torch.rand(len(rows), generator=generator, dtype=torch.float64)
+    inner = _draw(weight.cumsum(1), inner_target * weight.sum(1)).unsqueeze(1)
+    picked = weight.gather(1, inner).squeeze(1)
+    weight.scatter_(1, inner, 0.0)
+    tail[rows, block] = weight.sum(1)
+    return items.gather(1, inner).squeeze(1), picked, block_score.gather(1, inner).squeeze(1)
+
+
+def select(cands: Candidates, exploration: float, generator: torch.Generator,
+           block_weights: BlockWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the n slots of every row; returns indices (R, n), scores (R, n), propensities."""
+    rows, n = cands.index.shape
+    taken = torch.zeros(rows, n, dtype=torch.bool)
+    tail_taken = torch.full((rows, n), -1, dtype=torch.long)
+    tail = cands.tail.clone()
+    cand_mass = cands.weight.sum(dim=1)
+    tail_mass = tail.sum(dim=1)
+    pointer = torch.zeros(rows, dtype=torch.long)
+    explorers_by_slot = (torch.rand(rows, n, generator=generator) < exploration).T.nonzero()
+    explorers_by_slot = explorers_by_slot[:, 1].split(
+        torch.bincount(explorers_by_slot[:, 0], minlength=n).tolist())
+    index = torch.empty(rows, n, dtype=torch.long)
+    score = torch.empty(rows, n)
+    propensity = torch.empty(rows, n, dtype=torch.float64)
+
+    for slot, explorers in enumerate(explorers_by_slot):
+        total = cand_mass + tail_mass
+        position = pointer.clone()
+        tail_rows = explorers[:0]
+        if len(explorers):
+            target = torch.rand(len(explorers), generator=generator,
+                                dtype=torch.float64) * total[explorers]
+            in_cands = target < cand_mass[explorers]
+            chosen_rows = explorers[in_cands]
+            free = torch.where(taken[chosen_rows], 0.0, cands.weight[chosen_rows])
+            position[chosen_rows] = _draw(free.cumsum(1), target[in_cands])
+            tail_rows = explorers[~in_cands]
+            if len(tail_rows):
+                drawn = _tail_draws(cands, tail, tail_taken, tail_rows,
+                                    target[~in_cands] - cand_mass[tail_rows], generator,
+                                    block_weights)
+                tail_taken[tail_rows, slot] = drawn[0]
+                tail_mass[tail_rows] = tail[tail_rows].sum(1)
+
+        # Every row as if it took a candidate; rows that drew from the tail are fixed after.
+        at = position.clamp(max=n - 1).unsqueeze(1)
+        weight = cands.weight.gather(1, at).squeeze(1)
+        greedy = (1.0 - exploration) * (position == pointer).double()
+        index[:, slot] = cands.index.gather(1, at).squeeze(1)
+        score[:, slot] = cands.score.gather(1, at).squeeze(1)
+        propensity[:, slot] = greedy + exploration * weight / total
+        if len(tail_rows):
+            from_cands = torch.ones(rows, dtype=torch.bool)
+            from_cands[tail_rows] = False
+            taken.scatter_(1, at, taken.gather(1, at) | from_cands.unsqueeze(1))
+            weight = torch.where(from_cands, weight, 0.0)
+            index[tail_rows, slot], score[tail_rows, slot] = drawn[0], drawn[2]
+            propensity[tail_rows, slot] = exploration * drawn[1] / total[tail_rows]
+        else:
+            taken.scatter_(1, at, True)
+        cand_mass = (cand_mass - weight).clamp(min=0.0)
+        # The greedy pointer skips candidates that exploration took out of order.
+        while True:
+            ahead = pointer.clamp(max=n - 1).unsqueeze(1)
+            blocked = (pointer < n) & taken.gather(1, ahead).squeeze(1)
+            if not blocked.any():
+                break
+            pointer += blocked.long()
+    return index, score, propensity.clamp(max=1.0).float()
