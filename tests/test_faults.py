@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 
 import psycopg
 
+from rec import publish
 from rec.extract import extract_day
 from rec.world.generate import WorldSpec, seed_world
 from rec.world.traffic import simulate_day
@@ -90,3 +91,82 @@ def test_extraction_killed_halfway_reruns_to_the_counts_of_an_uninterrupted_run(
     assert after_rerun == expected
     assert all(rerun[t.split(".")[1]]["quarantined"] == 0 for t in EVENT_TABLES)
     assert extract_day(DAY_START, DAY_END, "again") == rerun
+
+
+PUBLISH_SCRIPT = """
+import sys
+from datetime import date
+sys.path.insert(0, sys.argv[2])
+from test_publish import _policy_world, _publish
+from rec import publish
+policy, users, items = _policy_world(int(sys.argv[3]), 300)
+ranked = publish.rank_users(policy, users, items, 20, 0.1, seed=1)
+_publish(sys.argv[1], date(2026, 3, 1), ranked, items, sys.argv[4])
+"""
+
+
+def _list_state(url: str) -> tuple:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "select count(*), count(distinct user_id), min(model_version), max(model_version)"
+            " from rec.recommendations where run_date = '2026-03-01'").fetchone()
+
+
+def _kill_publish_when(url: str, users: int, version: str, backend_is_there) -> None:
+    """Start a publish of `version` in a process of its own; SIGKILL it at a chosen point."""
+    tests_dir = os.path.dirname(__file__)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_SCRIPT, url, tests_dir, str(users), version],
+        start_new_session=True)
+    try:
+        _wait_for(backend_is_there)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+
+
+def _active(url: str, query_pattern: str, waiting: bool = False) -> bool:
+    with psycopg.connect(url, autocommit=True) as probe:
+        return probe.execute(
+            "select count(*) from pg_stat_activity where pid <> pg_backend_pid()"
+            " and state = 'active' and query ilike %s"
+            " and (not %s or wait_event_type = 'Lock')",
+            (query_pattern, waiting)).fetchone()[0] > 0
+
+
+def test_publish_killed_at_copy_or_swap_leaves_the_previous_list_whole(fresh_database):
+    import test_publish
+
+    users = 30_000
+    policy, user_set, items = test_publish._policy_world(users, 300)
+    ranked = publish.rank_users(policy, user_set, items, 20, 0.1, seed=1)
+    test_publish._publish(fresh_database, date(2026, 3, 1), ranked, items, "v1")
+    complete_v1 = (users * 20, users, "v1", "v1")
+    assert _list_state(fresh_database) == complete_v1
+
+    # Killed while COPYing its rows into the staging table.
+    _kill_publish_when(fresh_database, users, "v2",
+                       lambda: _active(fresh_database, "copy rec.recommendations_%"))
+    assert _list_state(fresh_database) == complete_v1
+
+    # Killed inside the swap, blocked behind a reader that holds the table.
+    reader = psycopg.connect(fresh_database)
+    reader.execute("select count(*) from rec.recommendations")
+    try:
+        _kill_publish_when(fresh_database, users, "v2",
+                           lambda: _active(fresh_database, "alter table%", waiting=True))
+        assert reader.execute("select count(*) from rec.recommendations"
+                              " where run_date = '2026-03-01'").fetchone()[0] == users * 20
+    finally:
+        reader.rollback()
+        reader.close()
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        _wait_for(lambda: conn.execute(
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and pid <> pg_backend_pid() and backend_type = 'client backend'"
+        ).fetchone()[0] == 0)
+    assert _list_state(fresh_database) == complete_v1
+
+    # The rerun publishes the whole new list.
+    test_publish._publish(fresh_database, date(2026, 3, 1), ranked, items, "v2")
+    assert _list_state(fresh_database) == (users * 20, users, "v2", "v2")
