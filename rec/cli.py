@@ -88,6 +88,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     import torch
 
+    if args.action == "train":
+        from rec.agents.recsim_train import train_and_save
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        print(json.dumps(train_and_save(args.agent, args.out, args.steps, args.seed)))
+        return 0
+
     from rec.sim.recsim import RECSIM_RETURNS, RECSIM_STEPS_PER_S, evaluate, make_policy
 
     if args.threads:
@@ -205,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2,
                           help="processes playing batches side by side (same figures)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    train = ssub.add_parser("train", help="train an agent in the preset and save its policy")
+    train.add_argument("--preset", choices=["recsim"], default="recsim")
+    train.add_argument("--agent", choices=["reinforce", "slateq"], required=True)
+    train.add_argument("--out", required=True, help="policy file; its curve goes to OUT.png")
+    train.add_argument("--steps", type=int, help="user-steps to train (the agent's default)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (0: default)")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("ingest", help="load an external dataset into the app schema")

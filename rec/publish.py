@@ -27,6 +27,7 @@ import torch
 
 from rec import db
 from rec.config import RunConfig
+from rec.evaluate import champion_policy_path
 from rec.features import Items, Users, load_items, load_users
 from rec.policy import (
     SlatePolicy,
@@ -35,7 +36,7 @@ from rec.policy import (
     top_n_for_policy,
     user_feature_matrix,
 )
-from rec.train import latest_artifact, model_version, record_run
+from rec.train import model_version, record_run
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +292,12 @@ def write_shard(run_date: date, run_id: str, shard: dict, config: RunConfig | No
     started = time.perf_counter()
     first, last = shard["first_user"], shard["last_user"]
     with db.connect(url) as conn:
-        policy_path = latest_artifact(conn, "agent", run_date)
+        # The champion as tonight's gate decided: a challenger that lost is never published.
+        policy_path = champion_policy_path(conn, run_date)
         users = load_users(conn, user_range=(first, last))
         items = load_items(conn)
     if policy_path is None:
-        raise RuntimeError(f"no trained policy for {run_date}")
+        raise RuntimeError(f"no champion policy for {run_date}: train_agent decides it")
     if len(items) == 0:
         raise RuntimeError(f"nothing to publish for {run_date}: no active services")
     policy = load_slate_policy(policy_path)

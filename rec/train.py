@@ -19,6 +19,7 @@ import torch
 
 from rec import db
 from rec.config import RunConfig, artifacts_dir
+from rec.evaluate import STAGE, champion_policy_path, gate, json_safe
 from rec.features import Items, LoggedSlates, load_items, load_logged_slates, load_users, n_topics
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ def fit_choice(run_date: date, run_id: str, config: RunConfig | None = None,
 
 def train_agent(run_date: date, run_id: str, config: RunConfig | None = None,
                 url: str | None = None) -> dict:
-    """Retrain the REINFORCE agent, warm-started from the previous night's policy."""
-    from rec.agents.baselines import MyopicPolicy, RandomPolicy
+    """Retrain the REINFORCE agent from the champion, then gate it (`rec.evaluate`)."""
+    from rec.agents.baselines import MyopicPolicy, PopularityPolicy, RandomPolicy
     from rec.agents.reinforce import ReinforceArgs, evaluate_policy, train_reinforce
     from rec.choice import ChoiceModel
     from rec.policy import load_slate_policy
@@ -111,7 +112,9 @@ def train_agent(run_date: date, run_id: str, config: RunConfig | None = None,
     started = time.perf_counter()
     with db.connect(url) as conn:
         choice_path = latest_artifact(conn, "choice", run_date)
-        previous = latest_artifact(conn, "agent", run_date, before=True)
+        # Continuous training: tonight's challenger starts from the current champion.
+        previous = champion_policy_path(conn, run_date, before=True) or latest_artifact(
+            conn, "agent", run_date, before=True)
         users = load_users(conn)
         items = load_items(conn)
         visits = conn.execute(
@@ -164,9 +167,41 @@ def train_agent(run_date: date, run_id: str, config: RunConfig | None = None,
         "args": json.loads(json.dumps(asdict(args))),
         "seconds": time.perf_counter() - started,
     }
+    decision = evaluate_challenger(
+        env, policy, previous, slate_size, users, choice_model, config, url,
+        {"random": RandomPolicy(config.seed), "myopic": MyopicPolicy(choice_model),
+         "popularity": PopularityPolicy(len(items), items.popularity)})
+    champion, champion_version = path, version
+    if decision["decision"] != "promote":
+        champion = previous
+        champion_version = load_slate_policy(previous).metadata.get("model_version", "")
+    metrics["decision"] = decision["decision"]
+    decision["challenger_version"] = version
     with db.transaction(url) as conn:
         record_run(conn, run_id, run_date, "agent", version, path, metrics)
+        # The evaluate row names the champion (its file and version) after tonight's decision.
+        record_run(conn, run_id, run_date, STAGE, champion_version, champion, decision)
     log.info("agent for %s: return %.3f (myopic %.3f, random %.3f) in %.1fs", run_date,
              metrics["final_return"], baselines["myopic_return"], baselines["random_return"],
              metrics["seconds"])
     return {k: v for k, v in metrics.items() if k != "learning_curve"}
+
+
+def evaluate_challenger(env, challenger, champion_path: Path | None, slate_size: int, users,
+                        choice_model, config: RunConfig, url: str | None,
+                        baselines: dict) -> dict:
+    """Gate tonight's challenger against the champion and the baselines (`rec.evaluate`)."""
+    from rec.policy import load_slate_policy
+
+    champion = None
+    if champion_path is not None:
+        candidate = load_slate_policy(champion_path)
+        if candidate.config == challenger.config:
+            champion = candidate
+    with db.connect(url) as conn:
+        items_all = load_items(conn, active_only=False)
+        logged = load_logged_slates(conn, items_all)
+    result = gate(env, challenger, champion, baselines, slate_size, cold=users.cold,
+                  logged=logged, items=items_all, choice_model=choice_model)
+    result["champion_before"] = str(champion_path) if champion is not None else None
+    return json_safe(result)

@@ -52,7 +52,7 @@ def test_nightly_run_publishes_every_user_and_reruns_cleanly(fresh_database):
     assert first == {"rows": expected_users * TOP_N, "users": expected_users, "min_rank": 1,
                      "max_rank": TOP_N, "bad_propensity": 0}
     assert per_user == 0
-    assert stages == {"choice", "agent", "publish"}
+    assert stages == {"choice", "agent", "evaluate", "publish"}
 
     # Analysts read the lists and the marts dbt rebuilt, through their role.
     with psycopg.connect(fresh_database, autocommit=True) as conn:

@@ -369,7 +369,8 @@ class ScoringSlatePolicy:
 
     Users are given as interest (T), strength 0 and no sign-up topics; each cluster is an
     item with its one-hot topic and zero numerics. The policy scores the T clusters once per
-    step and each row's K best-scoring candidates are shown.
+    step and each row's K best-scoring candidates are shown, unless the policy chooses whole
+    slates itself (`select_slates(users, candidate features, k)`, as SlateQ does).
     """
 
     def __init__(self, policy: torch.nn.Module, n_topics: int = N_TOPICS) -> None:
@@ -385,7 +386,11 @@ class ScoringSlatePolicy:
         interest = env.users.interest
         zeros = interest.new_zeros(interest.shape[0], 1)
         user_features = torch.cat([interest, zeros, torch.zeros_like(interest)], dim=1)
-        scores = self.policy.score(user_features, self.item_features.to(interest.device))
+        item_features = self.item_features.to(interest.device)
+        if hasattr(self.policy, "select_slates"):
+            docs = item_features[env.candidates]
+            return self.policy.select_slates(user_features, docs, env.config.slate_size)
+        scores = self.policy.score(user_features, item_features)
         candidate_scores = scores.gather(1, env.candidates)
         return torch.topk(candidate_scores, env.config.slate_size, dim=1).indices
 

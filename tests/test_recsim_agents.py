@@ -1,0 +1,144 @@
+"""Agents of the recsim preset (SlateQ, top-K REINFORCE), their policy files and the gate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rec.agents.baselines import MyopicPolicy, RandomPolicy
+from rec.agents.recsim_rollout import lambda_returns, play_rollout, random_slates
+from rec.agents.slateq import SlateQArgs, train_slateq
+from rec.agents.topk_reinforce import (
+    TopKReinforceArgs,
+    corrected_weight,
+    topk_correction_weight,
+    train_topk_reinforce,
+)
+from rec.evaluate import decide, gate, paired_difference
+from rec.policy import CandidateSoftmaxPolicy, SlateQPolicy, load_slate_policy
+from rec.sim.recsim import RecSimEnv, evaluate, make_policy
+
+torch.set_num_threads(1)
+
+RANDOM_RETURN = 153.0
+"""The random policy's mean return in the preset (300 episodes, seed 0)."""
+
+
+def test_topk_correction_weight_and_capped_ratio():
+    pi = torch.tensor([0.0, 0.5, 0.9])
+    assert torch.allclose(topk_correction_weight(pi, 2), torch.tensor([2.0, 1.0, 0.2]))
+    assert torch.allclose(topk_correction_weight(pi, 1), torch.ones(3))
+
+    log_pi = torch.log(torch.tensor([0.5, 0.5, 0.2]))
+    log_beta = torch.log(torch.tensor([0.25, 0.01, 0.4]))
+    weight = corrected_weight(log_pi, log_beta, k=2, cap=5.0)
+    # ratios 2, 50 (capped to 5), 0.5; lambda_2 = 2 (1 - pi) = 1, 1, 1.6
+    assert torch.allclose(weight, torch.tensor([2.0, 5.0, 0.8]))
+    assert torch.allclose(corrected_weight(log_pi, log_beta, 2, 5.0, topk=False),
+                          torch.tensor([2.0, 5.0, 0.5]))
+    log_pi.requires_grad_(True)
+    assert not corrected_weight(log_pi, log_beta, 2, 5.0).requires_grad
+
+
+def test_lambda_returns_stop_at_the_episode_end():
+    env = RecSimEnv(seed=3, compact_below=0.0)
+    generator = torch.Generator().manual_seed(0)
+    rollout = play_rollout(
+        env, 64, lambda u, c: (random_slates(len(u), 10, 2, generator), torch.zeros(len(u))))
+    returns = lambda_returns(rollout, gamma=1.0)
+    assert torch.allclose(returns[0], rollout.reward.sum(dim=0))
+    assert (returns[~rollout.alive] == 0).all()
+    # Each episode's first step is alive and its return is the whole episode's.
+    assert rollout.alive[0].all()
+
+
+@pytest.fixture(scope="module")
+def slateq_policy():
+    args = SlateQArgs(seed=0, total_steps=150_000, episodes_per_batch=256, eval_episodes=200)
+    return train_slateq(args, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reinforce_policy():
+    args = TopKReinforceArgs(seed=0, total_steps=200_000, episodes_per_batch=256,
+                             learning_rate=1e-3, eval_episodes=200)
+    return train_topk_reinforce(args, progress=False)
+
+
+@pytest.mark.parametrize("trained", ["slateq_policy", "reinforce_policy"])
+def test_short_training_beats_random(trained, request, tmp_path):
+    policy, metrics = request.getfixturevalue(trained)
+    assert len(metrics["curve/return"]) == len(metrics["curve/steps"]) >= 2
+    assert metrics["user_steps"] >= metrics["args"]["total_steps"]
+
+    path = tmp_path / "policy.pt"
+    policy.save(path)
+    result = evaluate(make_policy(str(path)), 500, seed=0)
+    assert result["return"] > RANDOM_RETURN + 15.0, result
+
+
+@pytest.mark.parametrize("kind", [CandidateSoftmaxPolicy, SlateQPolicy])
+def test_saved_policy_selects_k_distinct_candidates(kind, tmp_path):
+    torch.manual_seed(0)
+    policy = kind(20)
+    path = tmp_path / "p.pt"
+    policy.save(path, metadata={"model_version": "x"})
+    loaded = load_slate_policy(path)
+    assert type(loaded) is kind and loaded.metadata == {"model_version": "x"}
+
+    user = torch.rand(20) * 2 - 1
+    docs = torch.nn.functional.one_hot(torch.tensor([3, 3, 7, 1, 19, 0, 5, 5, 12, 8]), 20)
+    for k in (1, 2, 4):
+        chosen = loaded.select(user, docs.float(), k)
+        assert len(chosen) == len(set(chosen)) == k
+        assert all(0 <= c < 10 for c in chosen)
+    assert loaded.select(user, docs.float(), 2) == policy.select(user, docs.float(), 2)
+
+
+def test_slateq_picks_the_best_slate_by_enumeration():
+    policy = SlateQPolicy(20)
+    q = torch.tensor([[5.0, 1.0, 9.0, 3.0]])
+    q_none = torch.tensor([2.0])
+    weights = torch.tensor([[2.0, 2.0, 0.5, 1.0]])
+    slate, value = policy.best_slates(q, q_none, weights, 2)
+    best = max(
+        ((a, b) for a in range(4) for b in range(a + 1, 4)),
+        key=lambda s: (sum(weights[0, i] * q[0, i] for i in s) + 2.0 * 2.0)
+        / (sum(weights[0, i] for i in s) + 2.0))
+    assert tuple(sorted(slate[0].tolist())) == best
+    expected = policy.slate_value(q, q_none, weights, slate)
+    assert math.isclose(value.item(), expected.item(), rel_tol=1e-6)
+
+
+def test_paired_difference_and_decision():
+    rng = np.random.default_rng(0)
+    base = rng.normal(10.0, 3.0, 2000)
+    better = paired_difference(base + 1.0 + rng.normal(0, 0.5, 2000), base, n_boot=300)
+    assert better["ci"][0] > 0.5 and decide(better) == "promote"
+    same = paired_difference(base, base, n_boot=300)
+    assert same["ci"] == [0.0, 0.0] and decide(same) == "keep"
+    noisy = paired_difference(base + rng.normal(0, 3.0, 2000), base, n_boot=300)
+    assert decide(noisy, margin=1.0) == "keep"
+    assert decide(None) == "promote"
+
+
+def test_gate_promotes_a_better_challenger_and_refuses_an_equal_or_worse_one():
+    from test_reinforce import SLATE_SIZE, _booking_env
+
+    env = _booking_env()
+    cold = env.population.interest.sum(dim=1) == 0
+    myopic, random = MyopicPolicy(env.choice_model), RandomPolicy(seed=3)
+    promoted = gate(env, myopic, random, {}, SLATE_SIZE, cold=cold)
+    assert promoted["decision"] == "promote"
+    assert promoted["difference"]["ci"][0] > 0
+    figures = promoted["simulated"]["challenger"]
+    assert 0 < figures["coverage"] <= 1 and figures["ctr"] > 0
+    assert figures["cold_start_return"] == figures["cold_start_return"]  # not NaN
+
+    assert gate(env, random, myopic, {}, SLATE_SIZE)["decision"] == "keep"
+    assert gate(env, myopic, myopic, {}, SLATE_SIZE)["decision"] == "keep"
+    first_night = gate(env, random, None, {"myopic": myopic}, SLATE_SIZE)
+    assert first_night["decision"] == "promote" and first_night["difference"] is None
