@@ -13,11 +13,16 @@ from datetime import datetime, timedelta
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 from rec.assets import RECOMMENDATIONS
+from rec.config import RunConfig
 from rec.dbt_tasks import dbt_task_group
 
 # Database-bound tasks retry with a doubling delay (30 s, 60 s), capped at ten minutes.
 DB_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
               "max_retry_delay": timedelta(minutes=10)}
+
+
+# The params' defaults come from the environment (REC_TOP_N, ...), read when the file is parsed.
+DEFAULTS = RunConfig.from_env()
 
 
 def _run_date(context) -> str:
@@ -33,13 +38,16 @@ def _run_date(context) -> str:
     tags=["recommendations", "rl"],
     doc_md=__doc__,
     params={
-        "top_n": Param(20, type="integer", minimum=1, description="services per user list"),
-        "exploration": Param(0.1, type="number", minimum=0, maximum=1,
+        "top_n": Param(DEFAULTS.top_n, type="integer", minimum=1,
+                       description="services per user list"),
+        "exploration": Param(DEFAULTS.exploration, type="number", minimum=0, maximum=1,
                              description="share of slots sampled from the policy"),
-        "agent_steps": Param(150, type="integer", minimum=1,
+        "agent_steps": Param(DEFAULTS.agent_steps, type="integer", minimum=1,
                              description="REINFORCE updates this night"),
-        "history_days": Param(28, type="integer", minimum=1, maximum=365,
+        "history_days": Param(DEFAULTS.history_days, type="integer", minimum=1, maximum=365,
                               description="days of logged slates the models learn from"),
+        "users_per_shard": Param(DEFAULTS.users_per_shard, type="integer", minimum=1_000,
+                                 description="users scored by one mapped score_shard task"),
     },
 )
 def rec_nightly():

@@ -105,3 +105,22 @@ def test_dag_files_do_not_import_heavy_modules():
     imported = json.loads(result.stdout.strip().splitlines()[-1])
     heavy = [m for m in imported if m.split(".")[0] in HEAVY_MODULES]
     assert heavy == []
+
+
+def test_param_defaults_follow_the_environment():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from airflow.dag_processing.dagbag import DagBag;"
+        "p = DagBag(dag_folder='dags').dags['rec_nightly'].params;"
+        "print(json.dumps({k: p[k] for k in ('top_n', 'exploration', 'users_per_shard')}))"
+    )
+    env = {**os.environ, "REC_TOP_N": "7", "REC_EXPLORATION": "0.25",
+           "REC_USERS_PER_SHARD": "5000"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "top_n": 7, "exploration": 0.25, "users_per_shard": 5000}
