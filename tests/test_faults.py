@@ -42,6 +42,15 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _wait_for_killed_backends(url: str) -> None:
+    """Wait until the server has noticed that the killed client is gone and rolled back."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        _wait_for(lambda: conn.execute(
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and pid <> pg_backend_pid() and backend_type = 'client backend'"
+        ).fetchone()[0] == 0)
+
+
 def test_extraction_killed_halfway_reruns_to_the_counts_of_an_uninterrupted_run(
         fresh_database):
     with psycopg.connect(fresh_database) as conn:
@@ -70,11 +79,8 @@ def test_extraction_killed_halfway_reruns_to_the_counts_of_an_uninterrupted_run(
         blocker.rollback()
         blocker.close()
 
-    with psycopg.connect(fresh_database, autocommit=True) as conn:
-        _wait_for(lambda: conn.execute(
-            "select count(*) from pg_stat_activity where datname = current_database()"
-            " and pid <> pg_backend_pid() and backend_type = 'client backend'"
-        ).fetchone()[0] == 0)
+    _wait_for_killed_backends(fresh_database)
+    with psycopg.connect(fresh_database) as conn:
         assert _counts(conn) == dict.fromkeys(EVENT_TABLES, 0)
         assert conn.execute("select count(*) from raw.extract_runs").fetchone()[0] == 0
 
@@ -160,11 +166,7 @@ def test_publish_killed_at_copy_or_swap_leaves_the_previous_list_whole(fresh_dat
     finally:
         reader.rollback()
         reader.close()
-    with psycopg.connect(fresh_database, autocommit=True) as conn:
-        _wait_for(lambda: conn.execute(
-            "select count(*) from pg_stat_activity where datname = current_database()"
-            " and pid <> pg_backend_pid() and backend_type = 'client backend'"
-        ).fetchone()[0] == 0)
+    _wait_for_killed_backends(fresh_database)
     assert _list_state(fresh_database) == complete_v1
 
     # The rerun publishes the whole new list.
