@@ -1,8 +1,10 @@
 """Validates the marts of one nightly run with Great Expectations before any model reads them.
 
 `validate_marts` runs every suite of `data_checks.suites` against the analytics
-schema, renders the results into GX Data Docs under `REC_HOME/gx/data_docs`, and
-raises `DataCheckError`, which stops the nightly run, when one fails.
+schema, renders the results into GX Data Docs under `REC_HOME/gx/data_docs`, records
+each mart's row count and outcome in `rec.data_check_runs` (the baseline the next
+night's row-count collapse check compares with), and raises `DataCheckError`, which
+stops the nightly run, when one fails.
 """
 
 from __future__ import annotations
@@ -100,7 +102,42 @@ def _run_facts(url: str, run_date: datetime.date) -> RunFacts:
             "select count(*) from raw.users where signed_up_at < %s", (run_date,)
         ).fetchone()[0]
         services = conn.execute("select count(*) from raw.services").fetchone()[0]
-    return RunFacts(run_date=run_date, users_signed_up=users, services=services)
+        # Only earlier nights count: a rerun of the same night must not be judged by its
+        # own first attempt, and a failed validation never becomes the baseline.
+        previous = conn.execute(
+            "select distinct on (suite) suite, run_date, row_count from rec.data_check_runs"
+            " where success and row_count is not null and run_date < %s"
+            " order by suite, run_date desc, checked_at desc",
+            (run_date,),
+        ).fetchall()
+    return RunFacts(
+        run_date=run_date,
+        users_signed_up=users,
+        services=services,
+        previous_row_counts={suite: (day, count) for suite, day, count in previous},
+    )
+
+
+def _observed_row_count(results) -> int | None:
+    """The table row count GX observed while validating one suite, if it checked one."""
+    for result in results:
+        if result.expectation_config.type == "expect_table_row_count_to_be_between":
+            observed = (result.result or {}).get("observed_value")
+            if isinstance(observed, int):
+                return observed
+    return None
+
+
+def _record_run(url: str, run_date: datetime.date, summary: dict[str, dict]) -> None:
+    """Append each mart's row count and outcome to rec.data_check_runs."""
+    with connect(url) as conn:
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "insert into rec.data_check_runs (run_date, suite, row_count, success)"
+                " values (%s, %s, %s, %s)",
+                [(run_date, name, s["row_count"], s["success"]) for name, s in summary.items()],
+            )
+        conn.commit()
 
 
 def _describe_failure(result) -> str:
@@ -117,7 +154,9 @@ def _describe_failure(result) -> str:
             f" e.g. {details.get('partial_unexpected_list', [])[:5]}"
         )
     else:
-        observed = f"observed {details.get('observed_value')!r}"
+        value = details.get("observed_value")
+        shown = str(value) if isinstance(value, (str, datetime.date)) else repr(value)
+        observed = f"observed {shown}"
     bounds = {k: kwargs[k] for k in ("min_value", "max_value", "value") if k in kwargs}
     label = config.description or ", ".join(f"{k}={v}" for k, v in bounds.items())
     column = f" column={target}" if target else ""
@@ -132,7 +171,8 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
         url: Database URL; the pipeline's database when None.
 
     Returns:
-        {suite_name: {"success": bool, "evaluated": n, "failed": [descriptions]}}.
+        {suite_name: {"success": bool, "evaluated": n, "failed": [descriptions],
+        "row_count": rows GX counted, None when the table could not be read}}.
 
     Raises:
         DataCheckError: a suite failed; the message names each suite and expectation.
@@ -171,7 +211,12 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
             asset = source.add_table_asset(name=suite.name, table_name=suite.name)
         except TestConnectionError as error:
             reason = str(error).splitlines()[0]
-            summary[suite.name] = {"success": False, "evaluated": 0, "failed": [reason]}
+            summary[suite.name] = {
+                "success": False,
+                "evaluated": 0,
+                "failed": [reason],
+                "row_count": None,
+            }
             log.error("GX suite %s: table cannot be read", suite.name)
             continue
         batch = asset.add_batch_definition_whole_table(f"{suite.name}_whole_table")
@@ -201,15 +246,18 @@ def validate_marts(run_date: datetime.date, url: str | None = None) -> dict:
                 "success": bool(outcome.success),
                 "evaluated": len(outcome.results),
                 "failed": failed,
+                "row_count": _observed_row_count(outcome.results),
             }
             log.info(
-                "GX suite %s: %d expectations, %d failed",
+                "GX suite %s: %s rows, %d expectations, %d failed",
                 outcome.suite_name,
+                summary[outcome.suite_name]["row_count"],
                 len(outcome.results),
                 len(failed),
             )
         log.info("GX data docs for %s: %s", run_date, data_docs_dir() / "index.html")
 
+    _record_run(url, run_date, summary)
     log.info(
         "validated %d marts for %s in %.1fs", len(summary), run_date, time.perf_counter() - started
     )
