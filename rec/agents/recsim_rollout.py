@@ -228,3 +228,22 @@ def save_learning_curve(
     plt.close(figure)
     logger.info("learning curve written to %s", path)
     return path
+
+
+def critic_advantages(
+    critic: BudgetCritic,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    gamma: float,
+    td_lambda: float,
+    epochs: int,
+    minibatch: int,
+) -> torch.Tensor:
+    """(S, B) lambda-returns minus the critic's state values, after fitting the critic.
+
+    The critic is first fitted to the rollout's Monte Carlo returns; its values then serve
+    both as the bootstrap of the lambda-returns and as the per-state baseline.
+    """
+    fit_critic(critic, optimizer, rollout, lambda_returns(rollout, gamma), epochs, minibatch)
+    state_values = critic_values(critic, rollout)
+    return lambda_returns(rollout, gamma, td_lambda, state_values) - state_values

@@ -23,10 +23,8 @@ from tqdm import tqdm
 from rec.agents.recsim_rollout import (
     BudgetCritic,
     Rollout,
-    critic_values,
-    fit_critic,
+    critic_advantages,
     greedy_return,
-    lambda_returns,
     play_rollout,
     random_slates,
 )
@@ -141,14 +139,11 @@ def train_slateq(
             1.0, steps_done / args.total_steps)
         policy.eval()
         rollout = play_rollout(env, args.episodes_per_batch, choose)
-        returns = lambda_returns(rollout, args.gamma)
-        fit_critic(critic, critic_optimizer, rollout, returns, args.epochs, args.minibatch)
-        state_values = critic_values(critic, rollout)
         # Outcome values are learned relative to the critic's value of the state before the
         # step: a constant per state leaves every slate comparison as it is (the choice
         # probabilities, none included, sum to 1).
-        targets = lambda_returns(rollout, args.gamma, args.td_lambda, state_values)
-        targets = targets - state_values
+        targets = critic_advantages(critic, critic_optimizer, rollout, args.gamma,
+                                    args.td_lambda, args.epochs, args.minibatch)
 
         policy.train()
         alive_rows = rollout.alive.flatten().nonzero().squeeze(1)

@@ -27,10 +27,8 @@ from tqdm import tqdm
 from rec.agents.recsim_rollout import (
     BudgetCritic,
     Rollout,
-    critic_values,
-    fit_critic,
+    critic_advantages,
     greedy_return,
-    lambda_returns,
     play_rollout,
 )
 from rec.policy import CandidateSoftmaxPolicy, gumbel_top_k
@@ -173,11 +171,8 @@ def train_topk_reinforce(
                 1.0 - steps_done / args.total_steps)
         policy.eval()
         rollout = play_rollout(env, args.episodes_per_batch, choose)
-        returns = lambda_returns(rollout, args.gamma)
-        fit_critic(critic, critic_optimizer, rollout, returns, args.epochs, args.minibatch)
-        state_values = critic_values(critic, rollout)
-        advantages = lambda_returns(rollout, args.gamma, args.td_lambda, state_values)
-        advantages = advantages - state_values
+        advantages = critic_advantages(critic, critic_optimizer, rollout, args.gamma,
+                                       args.td_lambda, args.epochs, args.minibatch)
         alive_rows = rollout.alive.flatten().nonzero().squeeze(1)
         advantages = advantages / (advantages.flatten()[alive_rows].std() + 1e-8)
 
