@@ -76,6 +76,27 @@ def test_bad_rows_are_quarantined_with_their_reason(fresh_database):
                               " or service_id = 999999 or event_type = 'tap'").fetchone()[0]
 
     assert reasons == sorted([b[4] for b in bad] + ["rating outside 1..5"])
-    assert summary["events"]["quarantined"] == 4
-    assert accounting == (True, 5)
+    # The event without a timestamp is read and quarantined by the first day that sees it.
+    assert summary["events"]["quarantined"] == 5
+    assert accounting == (True, 6)
     assert leaked == 0
+
+
+def test_a_row_without_timestamp_is_counted_by_one_day_only(fresh_database):
+    with psycopg.connect(fresh_database) as conn:
+        seed_world(conn, WorldSpec(users=50, experts=5, seed=5))
+        untimed = conn.execute("insert into app.bookings (user_id, service_id, price)"
+                               " values (1, 1, 10) returning booking_id").fetchone()[0]
+        conn.commit()
+
+    first = extract_day(DAY_START, DAY_END, "day-1")
+    second = extract_day(DAY_END, datetime(2026, 1, 3, tzinfo=UTC), "day-2")
+    rerun = extract_day(DAY_START, DAY_END, "day-1-again")
+    with psycopg.connect(fresh_database) as conn:
+        quarantined = conn.execute(
+            "select source_id, event_date, reason, run_id from raw.quarantine").fetchall()
+
+    assert first["bookings"] == rerun["bookings"] == {"read": 1, "accepted": 0,
+                                                       "quarantined": 1}
+    assert second["bookings"] == {"read": 0, "accepted": 0, "quarantined": 0}
+    assert quarantined == [(untimed, date(2026, 1, 1), "missing timestamp", "day-1-again")]
