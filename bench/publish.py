@@ -7,7 +7,10 @@ on the weights), then times, in this run and on this machine:
 
 - matmul: torch computing the same (users x services) logits matrix and nothing else, in the
   same cache-sized blocks: the physical bound for this work. matmul_ratio is its time over
-  the time of `rec.publish.rank_users` (scores, top-N, exploration draws, propensities).
+  the time of `rec.publish.rank_users` (user factors, scores, top-N, exploration draws,
+  propensities), which uses the native kernel (`rec.native`) unless REC_NATIVE=0.
+  matmul_cpu_ratio is the same ratio of process CPU seconds, steadier where other jobs share
+  the cores.
 - write: `rec.publish.prepare` + `write_rows` (binary COPY built with numpy) into a fresh
   staging table, against `psql \\copy ... (format binary)` loading the same rows from a file
   into a fresh table of the same shape. write_ratio_vs_psql_copy is psql's time over ours.
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rec import db, publish
+from rec import db, native, publish
 from rec.features import Items, Users
 from rec.policy import TwoTowerPolicy, item_feature_matrix, user_feature_matrix
 
@@ -60,11 +63,11 @@ def build_world(users: int, services: int, seed: int) -> tuple[TwoTowerPolicy, U
 
 
 def matmul_seconds(policy: TwoTowerPolicy, users: Users, items: Items, threads: int,
-                   rows: int = 256) -> float:
-    """Seconds torch takes for the logits matrix alone, block by block, on `threads` cores.
+                   rows: int = 256) -> tuple[float, float]:
+    """Seconds (wall, CPU) torch takes for the logits matrix alone, block by block.
 
-    The faster of two ways to use the cores: torch's own intra-op threads, or one worker
-    thread per core each running single-threaded torch on its share of the users.
+    The faster of two ways to use `threads` cores: torch's own intra-op threads, or one
+    worker thread per core each running single-threaded torch on its share of the users.
     """
     with torch.no_grad():
         features = user_feature_matrix(users.interest, users.strength, users.signup)
@@ -79,17 +82,17 @@ def matmul_seconds(policy: TwoTowerPolicy, users: Users, items: Items, threads: 
             torch.mm(block, item_t, out=out[:len(block)])
 
     torch.set_num_threads(threads)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     multiply(user_vectors)
-    intra_op = time.perf_counter() - started
+    intra_op = time.perf_counter() - started, time.process_time() - started_cpu
 
     torch.set_num_threads(1)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(multiply, user_vectors.chunk(threads)))
-    workers = time.perf_counter() - started
-    print(f"matmul alone: {intra_op:.2f} s with {threads} torch threads, {workers:.2f} s with"
-          f" {threads} single-threaded workers")
+    workers = time.perf_counter() - started, time.process_time() - started_cpu
+    print(f"matmul alone: {intra_op[0]:.2f} s with {threads} torch threads, {workers[0]:.2f} s"
+          f" with {threads} single-threaded workers")
     return min(intra_op, workers)
 
 
@@ -114,22 +117,27 @@ def main() -> None:
     parser.add_argument("--skip-write", action="store_true", help="time scoring only")
     args = parser.parse_args()
     policy, users, items = build_world(args.users, args.services, args.seed)
-    matmul_s = matmul_seconds(policy, users, items, args.threads)
-    started = time.perf_counter()
+    kernel = native.library() is not None  # built (or found in the cache) before timing
+    matmul_s, matmul_cpu_s = matmul_seconds(policy, users, items, args.threads)
+    started, started_cpu = time.perf_counter(), time.process_time()
     ranked = publish.rank_users(policy, users, items, args.top_n, args.exploration, args.seed,
                                 threads=args.threads)
-    score_s = time.perf_counter() - started
+    score_s, score_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     rows = ranked.service_rows.size
     explored = float((ranked.propensities < 1 - args.exploration).mean())
     print(f"users {args.users:,} x services {args.services:,}, top {args.top_n}, "
-          f"exploration {args.exploration}, {args.threads} cores")
-    print(f"matmul alone        {matmul_s:8.2f} s")
-    print(f"score + select      {score_s:8.2f} s   matmul_ratio {matmul_s / score_s:.2f}"
-          f"   (target >= 0.5; {score_s / 30:.2f} of the 30 s budget)")
+          f"exploration {args.exploration}, {args.threads} cores, "
+          f"{'native kernel' if kernel else 'torch path'}")
+    print(f"matmul alone        {matmul_s:8.2f} s   ({matmul_cpu_s:.2f} CPU s)")
+    print(f"score + select      {score_s:8.2f} s   ({score_cpu_s:.2f} CPU s)"
+          f"   matmul_ratio {matmul_s / score_s:.2f} (CPU {matmul_cpu_s / score_cpu_s:.2f};"
+          f" target >= 0.5; {score_s / 30:.2f} of the 30 s budget)")
     print(f"slots off the greedy order {explored:.3f} (exploration {args.exploration})")
     result = {"users": args.users, "services": args.services, "rows": rows,
-              "score_s": round(score_s, 3), "matmul_s": round(matmul_s, 3),
-              "matmul_ratio": round(matmul_s / score_s, 3)}
+              "native": kernel, "score_s": round(score_s, 3), "matmul_s": round(matmul_s, 3),
+              "matmul_ratio": round(matmul_s / score_s, 3),
+              "score_cpu_s": round(score_cpu_s, 3), "matmul_cpu_s": round(matmul_cpu_s, 3),
+              "matmul_cpu_ratio": round(matmul_cpu_s / score_cpu_s, 3)}
 
     if not args.skip_write:
         result.update(bench_write(ranked, items))

@@ -25,7 +25,7 @@ import numpy as np
 import psycopg
 import torch
 
-from rec import db
+from rec import db, native, topn
 from rec.config import RunConfig
 from rec.evaluate import champion_policy_path
 from rec.features import Items, Users, load_items, load_users
@@ -45,6 +45,8 @@ COLUMNS = ("run_date", "user_id", "rank", "service_id", "expert_id", "score", "p
            "model_version", "generated_at")
 SELECT_ROWS = 65_536
 """Users whose candidates are held at once while their slots are filled (bounds memory)."""
+FACTOR_ROWS = 8192
+"""Users whose factors the native path computes at once."""
 COPY_ROWS = 16_384
 """Users per COPY message batch."""
 PG_EPOCH = date(2000, 1, 1)
@@ -69,11 +71,15 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
                exploration: float, seed: int, threads: int = 2) -> Ranked:
     """Every user's top-n list with exploration.
 
-    Blocks of SELECT_ROWS users go to `threads` worker threads, each running torch on one
-    core: independent workers keep both cores busy without the per-operation
-    synchronisation of torch's intra-op threads, which the many small selection steps
-    would pay for. Block k draws from its own generator, so the lists depend on the seed
-    alone, not on the number of threads or their timing.
+    Blocks of SELECT_ROWS users go to `threads` worker threads, each running on one core:
+    independent workers keep both cores busy without the per-operation synchronisation of
+    torch's intra-op threads, which the many small selection steps would pay for. Block k
+    draws from its own generator, so the lists depend on the seed alone, not on the number
+    of threads or their timing.
+
+    Policies with a `factors` method are ranked by the fused native kernel (`rec.native`)
+    where it is available: the same lists as the torch path (`top_n_for_policy`) from the
+    same seed, up to float rounding at draw boundaries, several times faster.
     """
     torch.set_num_threads(1)
     n = min(top_n, len(items))
@@ -81,6 +87,13 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
     shape = (len(users), n)
     ranked = Ranked(users.user_ids, np.empty(shape, np.int32), np.empty(shape, np.float32),
                     np.empty(shape, np.float32))
+    kernel = native.library() if hasattr(policy, "factors") and 0 < n <= native.MAX_N else None
+    if kernel is not None:
+        with torch.no_grad():
+            features = user_feature_matrix(users.interest[:1], users.strength[:1],
+                                           users.signup[:1])
+            _, item_vectors, cap = policy.factors(features, item_features)
+        items_t = native.transposed_items(item_vectors)
 
     def rank_block(start: int) -> None:
         rows = slice(start, start + SELECT_ROWS)
@@ -88,6 +101,20 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
         with torch.no_grad():
             features = user_feature_matrix(users.interest[rows], users.strength[rows],
                                            users.signup[rows])
+            if kernel is not None:
+                # Limitation: the user tower (torch, whose tanh is slow here) costs about half
+                # as much as the logits matmul; the kernel itself about 2.5-3 times as much.
+                uniform = topn.slot_uniforms(len(features), n, exploration, generator)
+                # Small steps keep the user tower's activations in cache and off the heap.
+                for sub in range(0, len(features), FACTOR_ROWS):
+                    part = slice(sub, sub + FACTOR_ROWS)
+                    user_vectors, _, _ = policy.factors(features[part], item_features[:1])
+                    out = slice(start + sub, start + min(sub + FACTOR_ROWS, len(features)))
+                    native.rank(kernel, user_vectors, items_t, cap, n, len(items), exploration,
+                                None if uniform is None else uniform[part],
+                                ranked.service_rows[out], ranked.scores[out],
+                                ranked.propensities[out])
+                return
             chosen, scores, propensity = top_n_for_policy(
                 policy, features, item_features, n, exploration, generator)
         ranked.service_rows[rows] = chosen.numpy()

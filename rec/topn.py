@@ -8,13 +8,19 @@ the softmax of the remaining scores. Its propensity is (1 - exploration) * 1[arg
 It runs in two steps. `summarise` makes one pass over a (B, S) score block while it sits in
 cache: the n best services (candidates), their softmax weights, and the summed weights of the
 other services per block. Block b holds the BLOCK columns b, b + W/BLOCK, b + 2W/BLOCK, ...
-of the padded width W: strided blocks make block reductions vectorise across blocks.
+of the padded width W: strided blocks make block reductions vectorise across blocks, and W
+is a multiple of 128 so that the W/BLOCK blocks come in whole 8-float vectors.
+`rec.native` computes the same candidates with a fused C kernel and can run `select`'s
+procedure too, from the same uniform numbers (`slot_uniforms`).
 Greedy slots only ever take candidates (before slot t at most t are gone, so one of the n best
 always remains), so `select` runs the n slots on those small tensors: an exploration draw
 picks "a candidate" or "the tail" by their remaining mass, then a tail block by its mass, then
 a service inside that block, whose weights a callback recomputes (16 dot products). Every
 probability is a ratio of exact remaining masses (kept in float64), so the draws and
 propensities are those of the slot-by-slot softmax procedure, up to float rounding.
+Each (user, slot) consumes one uniform number u: the slot explores when u < exploration, and
+u / exploration, uniform on [0, 1) given that, places the draw within the remaining mass; the
+position inside the chosen tail block reuses what is left of it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 
 BLOCK = 16
 """Columns per tail block: the unit of the two-level exploration draw."""
+WIDTH_MULTIPLE = 8 * BLOCK
+"""The padded width's granularity: a whole number of 8-lane vectors of blocks."""
 
 BlockWeights = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(rows (k,), blocks (k,)) -> (softmax weights (k, BLOCK), scores (k, BLOCK)) of the
@@ -52,8 +60,8 @@ def block_columns(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
 
 
 def padded_width(n_items: int) -> int:
-    """The catalogue width rounded up to whole blocks."""
-    return -(-n_items // BLOCK) * BLOCK
+    """The catalogue width rounded up to a multiple of WIDTH_MULTIPLE."""
+    return -(-n_items // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
 def top_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,25 +114,37 @@ def _draw(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _tail_draws(cands: Candidates, tail: torch.Tensor, tail_taken: torch.Tensor,
-                rows: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+                rows: torch.Tensor, target: torch.Tensor,
                 block_weights: BlockWeights) -> tuple[torch.Tensor, ...]:
     """One draw from each row's remaining tail, target in [0, its tail mass).
 
-    Picks a block by its remaining mass, then a service inside it by its recomputed weight;
-    updates the block's mass in `tail`. Returns (items, their weights, their scores).
+    Picks a block by its remaining mass, then a service inside it by its recomputed weight,
+    at the same fraction of the block's mass as the target lies within it; updates the
+    block's mass in `tail`. Returns (items, their weights, their scores).
     """
-    block = _draw(tail[rows].cumsum(1), target)
+    cumulative = tail[rows].cumsum(1)
+    block = _draw(cumulative, target)
+    mass = tail[rows, block]
+    before = cumulative.gather(1, block.unsqueeze(1)).squeeze(1) - mass
+    fraction = torch.where(mass > 0, ((target - before) / mass).clamp(0.0, 1.0), 0.0)
     weight, block_score = block_weights(rows, block)
     weight = weight.double()
     items = block_columns(block, tail.shape[1])
     gone = torch.cat([cands.index[rows], tail_taken[rows]], dim=1)
     weight[(items.unsqueeze(2) == gone.unsqueeze(1)).any(dim=2)] = 0.0
-    inner_target = torch.rand(len(rows), generator=generator, dtype=torch.float64)
-    inner = _draw(weight.cumsum(1), inner_target * weight.sum(1)).unsqueeze(1)
+    inner = _draw(weight.cumsum(1), fraction * weight.sum(1)).unsqueeze(1)
     picked = weight.gather(1, inner).squeeze(1)
     weight.scatter_(1, inner, 0.0)
     tail[rows, block] = weight.sum(1)
     return items.gather(1, inner).squeeze(1), picked, block_score.gather(1, inner).squeeze(1)
+
+
+def slot_uniforms(rows: int, n: int, exploration: float,
+                  generator: torch.Generator) -> torch.Tensor | None:
+    """The (rows, n) float64 uniform numbers `select` consumes; None without exploration."""
+    if exploration <= 0.0:
+        return None
+    return torch.rand(rows, n, generator=generator, dtype=torch.float64)
 
 
 def select(cands: Candidates, exploration: float, generator: torch.Generator,
@@ -137,7 +157,10 @@ def select(cands: Candidates, exploration: float, generator: torch.Generator,
     cand_mass = cands.weight.sum(dim=1)
     tail_mass = tail.sum(dim=1)
     pointer = torch.zeros(rows, dtype=torch.long)
-    explorers_by_slot = (torch.rand(rows, n, generator=generator) < exploration).T.nonzero()
+    uniform = slot_uniforms(rows, n, exploration, generator)
+    explore = (uniform < exploration if uniform is not None
+               else torch.zeros(rows, n, dtype=torch.bool))
+    explorers_by_slot = explore.T.nonzero()
     explorers_by_slot = explorers_by_slot[:, 1].split(
         torch.bincount(explorers_by_slot[:, 0], minlength=n).tolist())
     index = torch.empty(rows, n, dtype=torch.long)
@@ -149,8 +172,7 @@ def select(cands: Candidates, exploration: float, generator: torch.Generator,
         position = pointer.clone()
         tail_rows = explorers[:0]
         if len(explorers):
-            target = torch.rand(len(explorers), generator=generator,
-                                dtype=torch.float64) * total[explorers]
+            target = uniform[explorers, slot] / exploration * total[explorers]
             in_cands = target < cand_mass[explorers]
             chosen_rows = explorers[in_cands]
             free = torch.where(taken[chosen_rows], 0.0, cands.weight[chosen_rows])
@@ -158,8 +180,7 @@ def select(cands: Candidates, exploration: float, generator: torch.Generator,
             tail_rows = explorers[~in_cands]
             if len(tail_rows):
                 drawn = _tail_draws(cands, tail, tail_taken, tail_rows,
-                                    target[~in_cands] - cand_mass[tail_rows], generator,
-                                    block_weights)
+                                    target[~in_cands] - cand_mass[tail_rows], block_weights)
                 tail_taken[tail_rows, slot] = drawn[0]
                 tail_mass[tail_rows] = tail[tail_rows].sum(1)
 
