@@ -1,15 +1,16 @@
 """Warm-started retraining against training from scratch after a day's drift, in the preset.
 
-Day 1 trains SlateQ from scratch. Day 2's environment has drifted (other users, interests
-that move a little faster, a little more budget refilled per unit of quality) as a night's
-new data would move the fitted simulator. On day 2 the agent is trained once from scratch and
-once warm-started from day 1's policy, with runs of doubling length (a twentieth of
-the from-scratch steps first), each starting from day 1's policy and
-training critic and evaluated greedily on the same day-2 episodes. It prints
-the steps of the shortest warm run that reaches the from-scratch return (less two standard
-errors), the from-scratch steps, and their ratio.
+Day 1 trains the agent from scratch and saves its policy file, training state included, the
+way `rec sim train --out` does. Day 2's environment has drifted (other users, interests that
+move a little faster, a little more budget refilled per unit of quality) as a night's new data
+would move the fitted simulator. On day 2 the agent is trained once from scratch, and then
+warm-started from day 1's FILE through the code path of `rec sim train --init` with budgets of
+a growing share of the from-scratch steps, each run starting again from the file. Every policy
+is evaluated greedily on the same day-2 episodes. It prints the steps of the shortest warm run
+that reaches the from-scratch return (less two standard errors), the from-scratch steps, and
+their ratio (the target is at most 0.2).
 
-    .venv/bin/python bench/warm_start.py [--steps 3000000] [--seed 0]
+    .venv/bin/python bench/warm_start.py [--agent slateq|reinforce] [--steps N] [--seed 0]
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from rec.agents.recsim_rollout import BudgetCritic, greedy_return
-from rec.agents.slateq import SlateQArgs, train_slateq
+from rec.agents.recsim_rollout import greedy_return
+from rec.agents.recsim_train import train_agent, train_and_save
 from rec.policy import load_slate_policy
 from rec.sim.recsim import RecSimConfig
 
@@ -33,11 +34,14 @@ DAY2 = replace(RecSimConfig(), interest_step=0.33, budget_refill=1.05 * 0.9 / 3.
 """Day 2's drifted environment."""
 EVAL_EPISODES = 3000
 EVAL_SEED = 777
+WARM_SHARES = (0.05, 0.1, 0.2, 0.35, 0.5)
+"""Budgets of the warm runs, as shares of the from-scratch steps, tried in this order."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3_000_000, help="from-scratch user-steps")
+    parser.add_argument("--agent", choices=["slateq", "reinforce"], default="slateq")
+    parser.add_argument("--steps", type=int, help="from-scratch user-steps (agent's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -45,35 +49,32 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     started = time.perf_counter()
-    day1, day1_metrics = train_slateq(SlateQArgs(seed=args.seed, total_steps=args.steps),
-                                      progress=False)
-    print(f"day 1 trained in {time.perf_counter() - started:.0f} s", flush=True)
     day1_path = Path(tempfile.mkdtemp()) / "day1.pt"
-    day1.save(day1_path)
-    critic_path = day1_path.with_suffix(".critic.pt")
-    torch.save(day1_metrics["critic"].state_dict(), critic_path)
+    day1 = train_and_save(args.agent, day1_path, args.steps, args.seed, progress=False)
+    print(f"day 1 from scratch: {day1['user_steps']:,d} steps in"
+          f" {time.perf_counter() - started:.0f} s, saved to {day1_path}"
+          f" ({day1_path.stat().st_size / 1024:.0f} KiB, training state included)", flush=True)
 
     started = time.perf_counter()
-    scratch, metrics = train_slateq(SlateQArgs(seed=args.seed + 1, total_steps=args.steps),
-                                    config=DAY2, progress=False)
+    scratch, metrics = train_agent(args.agent, args.steps, args.seed + 1, progress=False,
+                                   config=DAY2)
     scratch_seconds = time.perf_counter() - started
+    scratch_steps = metrics["user_steps"]
     final = greedy_return(scratch, EVAL_EPISODES, EVAL_SEED, DAY2)
     target = final["return"] - 2.0 * final["sem"]
-    print(f"day 2 from scratch: {metrics['user_steps']:,d} steps in {scratch_seconds:.0f} s,"
+    print(f"day 2 from scratch: {scratch_steps:,d} steps in {scratch_seconds:.0f} s,"
           f" greedy return {final['return']:.1f} +- {final['sem']:.1f}", flush=True)
 
-    # Independent warm-started runs of growing length, each from day 1's policy; the
-    # shortest one that reaches the from-scratch return (less two standard errors) counts.
-    warm_args = SlateQArgs(seed=args.seed + 2, epsilon_start=0.05, epsilon_end=0.02)
+    day1_return = greedy_return(load_slate_policy(day1_path), EVAL_EPISODES, EVAL_SEED, DAY2)
+    print(f"day 1's policy on day 2, untrained: {day1_return['return']:.1f}", flush=True)
+
+    # Independent warm runs of growing length, each from day 1's file; the shortest one that
+    # reaches the from-scratch return (less two standard errors) counts.
     warm_steps = warm_return = warm_seconds = None
-    budget = args.steps // 20
-    while budget <= args.steps // 2:
+    for share in WARM_SHARES:
         started = time.perf_counter()
-        policy = load_slate_policy(day1_path)
-        critic = BudgetCritic(policy.config["n_topics"], warm_args.hidden_dim)
-        critic.load_state_dict(torch.load(critic_path))
-        policy, warm = train_slateq(replace(warm_args, total_steps=budget), policy, DAY2,
-                                    progress=False, critic=critic)
+        policy, warm = train_agent(args.agent, int(share * scratch_steps), args.seed + 2,
+                                   progress=False, warm_start=day1_path, config=DAY2)
         value = greedy_return(policy, EVAL_EPISODES, EVAL_SEED, DAY2)["return"]
         print(f"day 2 warm start: {warm['user_steps']:,d} steps in"
               f" {time.perf_counter() - started:.0f} s, greedy return {value:.1f}", flush=True)
@@ -81,16 +82,17 @@ def main() -> None:
             warm_steps, warm_return = warm["user_steps"], value
             warm_seconds = time.perf_counter() - started
             break
-        budget *= 2
     result = {
-        "from_scratch_steps": metrics["user_steps"],
+        "agent": args.agent,
+        "from_scratch_steps": scratch_steps,
         "from_scratch_seconds": scratch_seconds,
         "from_scratch_return": final["return"],
         "target_return": target,
+        "day1_policy_return": day1_return["return"],
         "warm_start_steps": warm_steps,
         "warm_start_seconds": warm_seconds,
         "warm_start_return": warm_return,
-        "ratio": warm_steps / metrics["user_steps"] if warm_steps else None,
+        "ratio": warm_steps / scratch_steps if warm_steps else None,
     }
     print(json.dumps(result))
 

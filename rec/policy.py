@@ -196,14 +196,27 @@ class SlatePolicy(nn.Module):
         """An untrained policy of this kind; `load_slate_policy` fills in the state."""
         return cls(**config)
 
-    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-        """Write kind, config, state dict and metadata (e.g. model_version) to one file."""
+    def save(
+        self, path: str | Path, metadata: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> None:
+        """Write kind, config, state dict and metadata (e.g. model_version) to one file.
+
+        Args:
+            path: the file to write.
+            metadata: JSON-able facts about the policy, read back as `policy.metadata`.
+            training: state that only a warm-started training run needs (e.g. a critic and
+                optimiser moments), as tensors, numbers and strings in nested dicts and
+                lists; `load_slate_policy` ignores it, `load_training_state` returns it.
+        """
         payload = {
             "kind": self.kind,
             "config": dict(self.config),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "metadata": dict(metadata or {}),
         }
+        if training is not None:
+            payload["training"] = training
         torch.save(payload, Path(path))
         logger.info("saved %s policy to %s", self.kind, path)
 
@@ -225,6 +238,14 @@ def load_slate_policy(path: str | Path, map_location: str | torch.device = "cpu"
     policy.load_state_dict(payload["state_dict"])
     policy.metadata = payload.get("metadata", {})
     return policy.eval()
+
+
+def load_training_state(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> dict[str, Any] | None:
+    """The training state saved beside a policy by `SlatePolicy.save`, or None if it has none."""
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    return payload.get("training")
 
 
 class TwoTowerPolicy(SlatePolicy):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 
 import numpy as np
@@ -9,16 +12,29 @@ import pytest
 import torch
 
 from rec.agents.baselines import MyopicPolicy, RandomPolicy
-from rec.agents.recsim_rollout import lambda_returns, play_rollout, random_slates
+from rec.agents.recsim_rollout import (
+    BudgetCritic,
+    lambda_returns,
+    play_rollout,
+    random_slates,
+    restore_training_state,
+)
 from rec.agents.slateq import SlateQArgs, train_slateq
 from rec.agents.topk_reinforce import (
     TopKReinforceArgs,
+    candidate_logits,
     corrected_weight,
     topk_correction_weight,
     train_topk_reinforce,
 )
+from rec.cli import main as rec_main
 from rec.evaluate import decide, gate, paired_difference
-from rec.policy import CandidateSoftmaxPolicy, SlateQPolicy, load_slate_policy
+from rec.policy import (
+    CandidateSoftmaxPolicy,
+    SlateQPolicy,
+    load_slate_policy,
+    load_training_state,
+)
 from rec.sim.recsim import RecSimEnv, evaluate, make_policy
 
 torch.set_num_threads(1)
@@ -64,8 +80,90 @@ def slateq_policy():
 @pytest.fixture(scope="module")
 def reinforce_policy():
     args = TopKReinforceArgs(seed=0, total_steps=200_000, episodes_per_batch=256,
-                             learning_rate=1e-3, eval_episodes=200)
+                             learning_rate=1e-3, eval_episodes=200, validation_episodes=200)
     return train_topk_reinforce(args, progress=False)
+
+
+def test_candidate_logits_match_the_policy_on_one_hot_candidates():
+    torch.manual_seed(0)
+    policy = CandidateSoftmaxPolicy(20)
+    interest = torch.rand(8, 20) * 2 - 1
+    candidates = torch.randint(20, (8, 10))
+    docs = torch.nn.functional.one_hot(candidates, 20).float()
+    for fast, plain in zip(candidate_logits(policy, interest, candidates),
+                           policy.logits(interest, docs), strict=True):
+        assert torch.allclose(fast, plain, atol=1e-5)
+
+
+def _train_cli(agent: str, out, *extra: str) -> dict:
+    """`rec sim train` in this process for one batch (the smallest budget); its summary."""
+    argv = ["sim", "train", "--preset", "recsim", "--agent", agent, "--out", str(out),
+            "--steps", "1", "--seed", "0", "--threads", "1", *extra]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert rec_main(argv) == 0
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Each agent trained by `rec sim train` for one batch, then warm-started from its file."""
+    runs = {}
+    for agent in ("slateq", "reinforce"):
+        folder = tmp_path_factory.mktemp(agent)
+        first, second = folder / "first.pt", folder / "second.pt"
+        summary = _train_cli(agent, first)
+        assert summary["policy"] == str(first) and summary["user_steps"] > 0
+        saved = load_training_state(first)
+        _train_cli(agent, second, "--init", str(first))
+        runs[agent] = (first, second, saved)
+    return runs
+
+
+@pytest.mark.parametrize("agent", ["slateq", "reinforce"])
+def test_cli_trains_saves_the_critic_and_warm_starts_from_the_file(agent, cli_runs):
+    first, second, saved = cli_runs[agent]
+    assert first.with_suffix(".png").stat().st_size > 0
+    assert first.stat().st_size < 1_000_000
+    policy = load_slate_policy(first)
+    assert policy.metadata["agent"] == agent and policy.metadata["user_steps"] > 0
+    user = torch.rand(20) * 2 - 1
+    docs = torch.nn.functional.one_hot(torch.arange(10) * 2, 20).float()
+    assert len(set(policy.select(user, docs, 2))) == 2
+
+    # The file's critic comes back with the values it was saved with.
+    assert saved["agent"] == agent and saved["user_steps"] == policy.metadata["user_steps"]
+    critic = BudgetCritic(**saved["critic_config"])
+    optimizer = torch.optim.Adam(critic.parameters())
+    policy_optimizer = torch.optim.Adam(load_slate_policy(first).parameters())
+    restore_training_state(saved, agent, critic, optimizer, policy_optimizer, 1e-4)
+    states = (torch.rand(64, 20) * 2 - 1, torch.rand(64) * 200, torch.arange(64.0))
+    expected = BudgetCritic(**saved["critic_config"])
+    expected.load_state_dict(saved["critic"])
+    assert torch.equal(critic(*states), expected(*states))
+    assert all(group["lr"] == 1e-4 for group in optimizer.param_groups)
+
+    # The warm run continued that state: its step counts add up, its optimisers' moments
+    # count the first run's updates too, and its critic moved on from the saved one.
+    resumed = load_training_state(second)
+    warm_policy = load_slate_policy(second)
+    assert warm_policy.metadata["warm_start"] == str(first)
+    assert resumed["user_steps"] == saved["user_steps"] + warm_policy.metadata["user_steps"]
+    knobs = SlateQArgs() if agent == "slateq" else TopKReinforceArgs()
+    warm_updates = knobs.epochs * math.ceil(warm_policy.metadata["user_steps"] / knobs.minibatch)
+    for key in ("critic_optimizer", "policy_optimizer"):
+        before = saved[key]["state"][0]["step"].item()
+        after = resumed[key]["state"][0]["step"].item()
+        assert before > 0 and after == before + warm_updates
+    resumed_critic = BudgetCritic(**resumed["critic_config"])
+    resumed_critic.load_state_dict(resumed["critic"])
+    assert not torch.equal(resumed_critic(*states), expected(*states))
+
+
+def test_warm_start_refuses_another_agents_file(cli_runs, tmp_path):
+    slateq_file = cli_runs["slateq"][0]
+    with pytest.raises(ValueError, match="slateq"):
+        _train_cli("reinforce", tmp_path / "x.pt", "--init", str(slateq_file))
 
 
 @pytest.mark.parametrize("trained", ["slateq_policy", "reinforce_policy"])

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ class BudgetCritic(torch.nn.Module):
     def __init__(self, n_topics: int, hidden_dim: int = 64, scale: float = 100.0) -> None:
         """Args: n_topics: T; hidden_dim: width; scale: the network outputs values / scale."""
         super().__init__()
-        self.scale = scale
+        self.n_topics, self.hidden_dim, self.scale = n_topics, hidden_dim, scale
         self.net = torch.nn.Sequential(
             torch.nn.Linear(n_topics + 2, hidden_dim), torch.nn.ReLU(),
             torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.ReLU(),
@@ -178,6 +179,58 @@ def fit_critic(
     return loss.item()
 
 
+def training_state(
+    agent: str,
+    critic: BudgetCritic,
+    critic_optimizer: torch.optim.Optimizer,
+    policy_optimizer: torch.optim.Optimizer,
+    user_steps: int,
+) -> dict[str, Any]:
+    """What a warm start needs beyond the policy: the critic and both optimisers' moments.
+
+    The dict holds only tensors, numbers and strings, so `SlatePolicy.save(training=...)`
+    writes it into the policy file and `torch.load(weights_only=True)` reads it back.
+    """
+    return {
+        "agent": agent,
+        "user_steps": int(user_steps),
+        "critic_config": {"n_topics": critic.n_topics, "hidden_dim": critic.hidden_dim,
+                          "scale": critic.scale},
+        "critic": {k: v.detach().cpu().clone() for k, v in critic.state_dict().items()},
+        "critic_optimizer": critic_optimizer.state_dict(),
+        "policy_optimizer": policy_optimizer.state_dict(),
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    agent: str,
+    critic: BudgetCritic,
+    critic_optimizer: torch.optim.Optimizer,
+    policy_optimizer: torch.optim.Optimizer,
+    learning_rate: float,
+) -> None:
+    """Load a `training_state` into a fresh critic and optimisers (in place).
+
+    The optimisers keep their moments but take `learning_rate`, the new run's step size.
+
+    Raises:
+        ValueError: the state was saved by another agent or for another critic shape.
+    """
+    if state.get("agent") != agent:
+        raise ValueError(f"the training state is {state.get('agent')!r}'s, not {agent!r}'s")
+    config = state["critic_config"]
+    if (config["n_topics"], config["hidden_dim"]) != (critic.n_topics, critic.hidden_dim):
+        raise ValueError(f"the saved critic has shape {config}, the new one "
+                         f"{(critic.n_topics, critic.hidden_dim)}")
+    critic.load_state_dict(state["critic"])
+    for optimizer, key in ((critic_optimizer, "critic_optimizer"),
+                           (policy_optimizer, "policy_optimizer")):
+        optimizer.load_state_dict(state[key])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+
+
 @torch.no_grad()
 def critic_values(critic: BudgetCritic, rollout: Rollout) -> torch.Tensor:
     """(S, B) the critic's values of every step's state, zero where the episode has ended."""
@@ -206,8 +259,13 @@ def save_learning_curve(
     returns: list[float],
     title: str,
     references: dict[str, float] | None = None,
+    greedy: list[float] | None = None,
 ) -> Path:
-    """Plot mean episode return against user-steps trained, with reference lines, as a PNG."""
+    """Plot mean episode return against user-steps trained, with reference lines, as a PNG.
+
+    `greedy`, where given, is a second series beside `returns` (NaN where not measured): the
+    greedy policy's return on validation episodes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +273,8 @@ def save_learning_curve(
 
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(steps, returns, label="training episodes (exploring)")
+    if greedy is not None:
+        axes.plot(steps, greedy, marker=".", label="greedy, validation episodes")
     for offset, (name, value) in enumerate(sorted((references or {}).items())):
         axes.axhline(value, linestyle="--", color=f"C{offset + 1}", label=f"{name} {value:.0f}")
     axes.set_xlabel("user-steps trained")

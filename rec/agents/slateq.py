@@ -27,6 +27,8 @@ from rec.agents.recsim_rollout import (
     greedy_return,
     play_rollout,
     random_slates,
+    restore_training_state,
+    training_state,
 )
 from rec.policy import SlateQPolicy
 from rec.sim.recsim import RecSimConfig, RecSimEnv
@@ -90,7 +92,7 @@ def train_slateq(
     policy: SlateQPolicy | None = None,
     config: RecSimConfig | None = None,
     progress: bool = True,
-    critic: BudgetCritic | None = None,
+    training: dict[str, Any] | None = None,
 ) -> tuple[SlateQPolicy, dict[str, Any]]:
     """Train (or keep training) a SlateQ policy in the recsim preset.
 
@@ -99,12 +101,15 @@ def train_slateq(
         policy: a policy to continue from (warm start), or None for a new one.
         config: the environment's constants; RecSim's defaults when omitted.
         progress: show a progress bar with steps per second and the running return.
-        critic: a training critic to continue from (with a warm-started policy).
+        training: the training state saved with `policy` (`metrics["training"]` of an earlier
+            run, or `rec.policy.load_training_state`): its critic and optimiser moments are
+            continued instead of starting afresh.
 
     Returns:
         The policy (eval mode) and metrics: `curve/steps` and `curve/return` (mean return of
         each batch's exploring episodes), `losses/value`, `charts/SPS`, `train_seconds`,
-        `eval/*` (greedy evaluation) and `critic` (the training critic).
+        `eval/*` (greedy evaluation) and `training` (the state a later warm start continues
+        from).
     """
     args = args or SlateQArgs()
     torch.manual_seed(args.seed)
@@ -112,10 +117,11 @@ def train_slateq(
     if policy is None:
         policy = SlateQPolicy(env.config.n_topics, args.hidden_dim)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
-    # Limitation: the critic is training state that policy files do not carry, so a warm
-    # start from a file (`rec sim train`, the nightly) relearns it from its first batch.
-    critic = critic or BudgetCritic(env.config.n_topics, args.hidden_dim)
+    critic = BudgetCritic(env.config.n_topics, args.hidden_dim)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    if training is not None:
+        restore_training_state(training, "slateq", critic, critic_optimizer, optimizer,
+                               args.learning_rate)
     explore = torch.Generator().manual_seed(args.seed + 1)
     n_topics, k = env.config.n_topics, env.config.slate_size
     epsilon = args.epsilon_start
@@ -184,6 +190,7 @@ def train_slateq(
         "eval/sem": final["sem"],
         "eval/ctr": final["ctr"],
         "args": asdict(args),
-        "critic": critic,
+        "training": training_state("slateq", critic, critic_optimizer, optimizer,
+                                   steps_done + (training or {}).get("user_steps", 0)),
     }
     return policy, metrics
