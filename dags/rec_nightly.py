@@ -26,7 +26,9 @@ DEFAULTS = RunConfig.from_env()
 
 
 def _run_date(context) -> str:
-    return context["logical_date"].date().isoformat()
+    # The end of the data interval, not the logical date: `dags test` and the scheduler stamp
+    # a run with its trigger time (D), but a backfill's runs carry the interval's start (D-1).
+    return context["data_interval_end"].date().isoformat()
 
 
 @dag(
@@ -48,6 +50,9 @@ def _run_date(context) -> str:
                               description="days of logged slates the models learn from"),
         "users_per_shard": Param(DEFAULTS.users_per_shard, type="integer", minimum=1_000,
                                  description="users scored by one mapped score_shard task"),
+        "arm": Param(DEFAULTS.arm, type="string", enum=["rl", "myopic", "popularity"],
+                     description="what to publish: the RL agent, or a control arm that skips"
+                                 " agent training (myopic choice-model or popularity ranking)"),
     },
 )
 def rec_nightly():

@@ -30,6 +30,12 @@ def artifacts_dir() -> Path:
     return path
 
 
+ARMS = ("rl", "myopic", "popularity")
+"""The policies a nightly run can publish (`RunConfig.arm`)."""
+REWARDS = ("bookings", "revenue")
+"""What the agent can be trained to maximise (`RunConfig.reward`)."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Knobs of one nightly run; Airflow params override them per run."""
@@ -40,8 +46,9 @@ class RunConfig:
     """Share of list slots filled by sampling from the policy instead of its argmax."""
     history_days: int = 28
     """How many days of logged slates the choice model is fitted on."""
-    agent_steps: int = 150
-    """REINFORCE updates per night (warm-started from the previous night's policy)."""
+    agent_steps: int = 60
+    """REINFORCE updates per night, fine-tuning the night's start policy (the distilled
+    lookahead, warm-started from the champion)."""
     horizon: int = 8
     """Simulated days per training episode: the agent optimises this many days ahead."""
     keep_runs: int = 30
@@ -50,6 +57,20 @@ class RunConfig:
     """Users scored by one mapped Airflow task (one shard) when publishing."""
     seed: int = 0
     """Seed of every random draw in fitting, training and publishing."""
+    arm: str = "rl"
+    """What gets published: `rl` (the gated RL agent), or a control arm that skips agent
+    training: `myopic` (the fitted choice model's click ranking) or `popularity` (services
+    by bookings)."""
+    reward: str = "bookings"
+    """What the agent maximises in the simulator: `bookings` (each booking counts 1) or
+    `revenue` (each booking counts its price over the catalogue's mean price)."""
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"unknown arm {self.arm!r}: expected one of {', '.join(ARMS)}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}: expected one of "
+                             f"{', '.join(REWARDS)}")
 
     @classmethod
     def from_env(cls, **overrides) -> RunConfig:
@@ -59,6 +80,8 @@ class RunConfig:
             "agent_steps": os.environ.get("REC_AGENT_STEPS"),
             "keep_runs": os.environ.get("REC_KEEP_RUNS"),
             "users_per_shard": os.environ.get("REC_USERS_PER_SHARD"),
+            "arm": os.environ.get("REC_ARM"),
+            "reward": os.environ.get("REC_REWARD"),
         }
         values = {k: type(getattr(cls, k))(v) for k, v in env.items() if v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})

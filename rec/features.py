@@ -43,9 +43,20 @@ class Items:
     numeric: torch.Tensor
     booking_rate: torch.Tensor
     popularity: torch.Tensor
+    price: torch.Tensor | None = None
+    """(S,) price of one session."""
 
     def __len__(self) -> int:
         return len(self.service_ids)
+
+
+@dataclass
+class Ratings:
+    """Per-service review totals: what experts' satisfaction is estimated from."""
+
+    expert_ids: np.ndarray
+    rating_sum: np.ndarray
+    n_reviews: np.ndarray
 
 
 @dataclass
@@ -128,6 +139,7 @@ def load_items(conn: psycopg.Connection, active_only: bool = True) -> Items:
         numeric=torch.tensor(numeric, dtype=torch.float32),
         booking_rate=torch.tensor([float(r[7]) for r in rows], dtype=torch.float32),
         popularity=torch.tensor([float(r[6]) for r in rows], dtype=torch.float32),
+        price=torch.tensor(price, dtype=torch.float32),
     )
 
 
@@ -172,3 +184,47 @@ def load_logged_slates(conn: psycopg.Connection, items: Items) -> LoggedSlates:
             [float("nan") if r[8] is None else float(r[8]) for r in rows], dtype=torch.float64
         ),
     )
+
+
+def load_ratings(conn: psycopg.Connection) -> Ratings:
+    """Every service's expert, rating sum and review count (`expert_features`)."""
+    rows = conn.execute("select expert_id, rating_sum, n_reviews from analytics.expert_features"
+                        " order by service_id").fetchall()
+    return Ratings(np.array([r[0] for r in rows], dtype=np.int64),
+                   np.array([float(r[1]) for r in rows]), np.array([float(r[2]) for r in rows]))
+
+
+def load_visit_log(conn: psycopg.Connection, run_date: date, items: Items):
+    """Visits (user-days with a slate) and bookings of the training window, as day indices.
+
+    The window runs from the first day of `choice_training_slates` to the day before the run
+    date. Users are those of `user_features`, in its order; a user who signed up inside the
+    window is observed from that day on.
+
+    Returns:
+        A `rec.retention.VisitLog` and (U,) the user ids its rows stand for.
+    """
+    from rec.retention import VisitLog
+
+    users = conn.execute("select user_id, signed_up_at::date from analytics.user_features"
+                         " order by user_id").fetchall()
+    visits = conn.execute("select distinct user_id, event_date"
+                          " from analytics.choice_training_slates").fetchall()
+    bookings = conn.execute("select user_id, event_date, service_id"
+                            " from analytics.choice_training_slates where booked").fetchall()
+    start = min((d for _, d in visits), default=run_date)
+    n_days = max((run_date - start).days, 0)
+    user_ids = np.array([u for u, _ in users], dtype=np.int64)
+    row_of = {int(u): i for i, u in enumerate(user_ids)}
+    expert_of = dict(zip(items.service_ids.tolist(), items.expert_ids.tolist(), strict=True))
+    first_day = np.array([max((d - start).days, 0) for _, d in users], dtype=np.int64)
+    visits = [(row_of[u], (d - start).days) for u, d in visits
+              if u in row_of and 0 <= (d - start).days < n_days]
+    bookings = [(row_of[u], (d - start).days, expert_of[s]) for u, d, s in bookings
+                if u in row_of and s in expert_of and 0 <= (d - start).days < n_days]
+    visit_array = np.array(visits, dtype=np.int64).reshape(-1, 2)
+    booking_array = np.array(bookings, dtype=np.int64).reshape(-1, 3)
+    log.info("visit log: %d users, %d days, %d visits, %d bookings", len(user_ids), n_days,
+             len(visit_array), len(booking_array))
+    return VisitLog(n_days, np.minimum(first_day, n_days), visit_array[:, 0], visit_array[:, 1],
+                    booking_array[:, 0], booking_array[:, 1], booking_array[:, 2]), user_ids

@@ -8,6 +8,7 @@ import torch
 
 from rec.choice import ChoiceModel
 from rec.sim.engine import (
+    ActivityModel,
     BookingResponse,
     Catalogue,
     InterestUserModel,
@@ -124,3 +125,54 @@ def test_same_seed_same_episode():
     for a, b in zip(first, again, strict=True):
         torch.testing.assert_close(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def _retention_env(p_active: float = 0.5) -> SimEnv:
+    """Two services alike in everything but their expert: a booking with expert 7 makes the
+    user visit more often afterwards (+0.08 a day), one with expert 9 less often (-0.08)."""
+    n_users = 3000
+    interest = torch.full((n_users, N_TOPICS), 1.0 / N_TOPICS)
+    choice = ChoiceModel(N_TOPICS, 2, 1)
+    with torch.no_grad():
+        choice.intercept.fill_(1.0)
+    catalogue = Catalogue(torch.zeros(2, dtype=torch.long), torch.zeros(2, 2),
+                          torch.tensor([7, 9]))
+    return SimEnv(
+        UserState.from_features(interest, torch.ones(n_users), torch.zeros(n_users, N_TOPICS)),
+        catalogue,
+        choice,
+        BookingResponse(torch.full((2,), 0.5), booking_value=1.0, click_value=0.0),
+        horizon=12,
+        p_active=p_active,
+        seed=0,
+        activity_model=ActivityModel(torch.tensor([0.08, -0.08])),
+    )
+
+
+def test_a_good_expert_keeps_users_active_longer():
+    def play(service: int) -> tuple[float, float, float, float]:
+        env = _retention_env()
+        env.reset()
+        active_days = bookings = expected = 0.0
+        while not env.done:
+            _, _, info = env.step(torch.full((env.state.n_users, 1), service))
+            active_days += info["active"].float().mean().item()
+            bookings += info["bookings"].mean().item()
+            expected += info["expected_reward"].mean().item()
+        return active_days, bookings, expected, env.activity.mean().item()
+
+    good, poor = play(0), play(1)
+
+    assert good[0] > poor[0] + 1.5  # days active per user over 12 days
+    assert good[1] > poor[1] * 1.3  # more visits, so more bookings
+    assert good[3] > 0.65 and poor[3] < 0.35  # activity moved from 0.5
+    # Expected rewards track the drawn ones: visits x click probability 1/(1+e^-1) x 0.5.
+    assert abs(good[2] - good[1]) < 0.05 * good[1]
+    assert 0.01 <= poor[3]
+
+
+def test_activity_model_clamps_and_ignores_non_bookings():
+    model = ActivityModel(torch.tensor([0.3, -0.3]), floor=0.05, ceiling=0.9)
+    after = model.update(torch.tensor([0.8, 0.1, 0.5, 0.5]), torch.tensor([0, 1, -1, 0]),
+                         torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(after, torch.tensor([0.9, 0.05, 0.5, 0.5]))

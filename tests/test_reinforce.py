@@ -112,20 +112,21 @@ def test_discounted_returns_and_topk_weight():
 
 def test_top_n_with_exploration():
     generator = torch.Generator().manual_seed(0)
-    scores = torch.randn(500, 30, generator=generator)
+    # 4,000 rows: the first-slot frequency below has a standard error of about 0.007.
+    scores = torch.randn(4000, 30, generator=generator)
 
     greedy, propensity = top_n_with_exploration(scores, 5, 0.0, generator)
     torch.testing.assert_close(greedy, torch.topk(scores, 5, dim=1).indices)
-    torch.testing.assert_close(propensity, torch.ones(500, 5))
+    torch.testing.assert_close(propensity, torch.ones(4000, 5))
 
     indices, propensity = top_n_with_exploration(scores, 10, 0.3, generator)
-    assert indices.shape == propensity.shape == (500, 10)
+    assert indices.shape == propensity.shape == (4000, 10)
     assert all(len(set(row)) == 10 for row in indices.tolist())
     assert torch.all(propensity > 0) and torch.all(propensity <= 1)
     first_is_argmax = indices[:, 0] == scores.argmax(dim=1)
     # the first slot is the argmax with probability 0.7 + 0.3 * softmax(argmax)
     expected = 0.7 + 0.3 * torch.softmax(scores, dim=1).max(dim=1).values.mean().item()
-    assert abs(first_is_argmax.float().mean().item() - expected) < 0.06
+    assert abs(first_is_argmax.float().mean().item() - expected) < 0.03
     assert torch.all(propensity[first_is_argmax, 0] >= 0.7)
     assert torch.all(propensity[~first_is_argmax, 0] < 0.3)
 

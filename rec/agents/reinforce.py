@@ -2,9 +2,13 @@
 
 The policy is a softmax over every service (`rec.policy.TwoTowerPolicy`); a slate of K is K
 draws without replacement (Gumbel-top-K). Each shown service's log-probability is pushed by
-the discounted return-to-go minus a per-day batch-mean baseline, weighted by
+the discounted return-to-go minus a baseline, optionally weighted by
 lambda_K = K (1 - pi)^(K - 1) (Chen et al. 2019, "Top-K Off-Policy Correction for a
 REINFORCE Recommender System"), which accounts for a service appearing in a slate of K.
+The baseline is, by default, the return-to-go of the same user's twin: every sampled user is
+played twice per episode, so who the user is (how active, how interested) cancels out of the
+advantage, leaving what the slates changed. Rewards are, by default, each day's expected
+reward given the state and the slate, which the environment computes exactly.
 """
 
 from __future__ import annotations
@@ -46,12 +50,21 @@ class ReinforceArgs:
     """Adam step size."""
     entropy_coef: float = 0.05
     """Weight of the entropy bonus of the softmax over all services."""
+    temperature: float = 1.0
+    """Slates are drawn from softmax(scores / temperature); below 1 the sampled slates stay
+    close to the greedy top K that is evaluated and published."""
     topk_correction: bool = True
     """Weight each shown service's log-probability gradient by lambda_K = K (1 - pi)^(K-1)."""
+    paired_baseline: bool = True
+    """Play every sampled user twice per episode and use each copy's twin's return-to-go as
+    its baseline (leave-one-out), so that who the user is cancels out of the advantage."""
     normalize_advantages: bool = True
     """Divide advantages by their batch standard deviation."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold."""
+    expected_rewards: bool = True
+    """Learn from each day's expected reward given the state and slate (where the
+    environment reports one) rather than the drawn reward: same mean, less noise."""
     embed_dim: int = 16
     """Size of the user / service embedding of a new policy."""
     hidden_dim: int = 64
@@ -89,8 +102,9 @@ def evaluate_policy(
 ) -> float:
     """Mean undiscounted episode return when every user is shown the policy's top K.
 
-    The environment is reseeded, so policies evaluated with the same seed meet the same
-    users on day 0.
+    Each day counts its expected reward given the state and the slate, where the environment
+    reports one. The environment is reseeded, so policies evaluated with the same seed meet
+    the same users on day 0.
     """
     env.seed(seed)
     item_features = item_feature_matrix(
@@ -101,8 +115,8 @@ def evaluate_policy(
     while not env.done:
         scores = policy.score(user_features_of(state), item_features)
         slates = torch.topk(scores, slate_size, dim=1).indices
-        state, reward, _ = env.step(slates)
-        total += reward
+        state, reward, info = env.step(slates)
+        total += info.get("expected_reward", reward)
     return total.mean().item()
 
 
@@ -140,10 +154,14 @@ def train_reinforce(
     started = time.perf_counter()
     user_days = 0
     for update in range(1, args.num_updates + 1):
-        state = env.reset(env.sample_users(args.batch_users))
+        if args.paired_baseline:
+            half = env.sample_users(max(args.batch_users // 2, 1))
+            state = env.reset(torch.cat([half, half]))
+        else:
+            state = env.reset(env.sample_users(args.batch_users))
         weighted_log_pi, rewards, shown, entropy = [], [], [], []
         while not env.done:
-            logits = policy.score(user_features_of(state), item_features)
+            logits = policy.score(user_features_of(state), item_features) / args.temperature
             log_pi = torch.log_softmax(logits, dim=1)
             slates = gumbel_top_k(logits.detach(), k, slate_generator)
             slate_log_pi = log_pi.gather(1, slates)
@@ -152,15 +170,20 @@ def train_reinforce(
             weighted_log_pi.append(slate_log_pi.sum(dim=1))
             entropy.append(-(log_pi.exp() * log_pi).sum(dim=1).mean())
             shown.append(state.active.float())
-            state, reward, _ = env.step(slates)
+            state, reward, info = env.step(slates)
+            if args.expected_rewards and "expected_reward" in info:
+                reward = info["expected_reward"]
             rewards.append(reward)
 
         # Limitation: every service of a slate is credited with the whole return-to-go
-        # (clicked or not), and the baseline is the day's batch mean rather than a learned
-        # value of the user state; both make the gradient noisier than it needs to be.
+        # (clicked or not), which makes the gradient noisier than it needs to be.
         reward_matrix = torch.stack(rewards, dim=1)
         returns = discounted_returns(reward_matrix, args.gamma)
-        advantages = returns - returns.mean(dim=0, keepdim=True)
+        if args.paired_baseline:
+            twin = returns.roll(returns.shape[0] // 2, dims=0)
+            advantages = returns - twin
+        else:
+            advantages = returns - returns.mean(dim=0, keepdim=True)
         if args.normalize_advantages:
             advantages = advantages / (advantages.std() + 1e-8)
         mask = torch.stack(shown, dim=1)

@@ -2,7 +2,9 @@
 
 Users are rows of tensors. One `SimEnv.step` is one day for every user of the batch: the
 active users look at the slate they were shown, choose at most one service through a choice
-model, maybe book it, and their interest state moves the way the nightly features move.
+model, maybe book it, and their interest state moves the way the nightly features move. With
+an `ActivityModel`, a booking also changes how likely the user is to come back on later days
+(better sessions, more visits), which is what makes a policy's choices matter beyond today.
 The choice sampler and the small interfaces here (item sampler, choice model) also serve the
 presets, such as `rec.sim.recsim`, whose users and responses follow other rules.
 """
@@ -201,36 +203,125 @@ class InterestUserModel:
         return replace(state, interest=interest, strength=torch.log1p(total))
 
 
-class BookingResponse:
-    """Whether a click turns into a booking, and what the day is worth."""
+class BookingModel(Protocol):
+    """Anything that gives the probability that a click on a service becomes a booking."""
 
-    def __init__(self, booking_rate: torch.Tensor, booking_value: float = 4.0) -> None:
+    def probability(
+        self, state: UserState, items: Catalogue, clicked: torch.Tensor
+    ) -> torch.Tensor:
+        """Booking probability of each clicked service, (B,) or (B, K) like `clicked`."""
+        ...
+
+
+class BookingResponse:
+    """Whether a click turns into a booking, and what the day is worth.
+
+    The reward of a user-day is click_value * clicks + booking_value * item_value * bookings;
+    with click_value 0, booking_value 1 and no item values it counts bookings.
+    """
+
+    def __init__(
+        self,
+        booking_rate: torch.Tensor,
+        booking_value: float = 4.0,
+        click_value: float = 1.0,
+        booking_model: BookingModel | None = None,
+        item_value: torch.Tensor | None = None,
+    ) -> None:
         """Set up the response.
 
         Args:
-            booking_rate: (S,) probability that a click on the service becomes a booking.
+            booking_rate: (S,) probability that a click on the service becomes a booking,
+                used where no booking model is given.
             booking_value: reward of a booking, in units of a click.
+            click_value: reward of a click.
+            booking_model: a booking probability that depends on the user as well.
+            item_value: (S,) multiplier of each service's booking reward (e.g. its price
+                over the mean price); 1 when omitted.
         """
         self.booking_rate = booking_rate.float()
         self.booking_value = booking_value
+        self.click_value = click_value
+        self.booking_model = booking_model
+        self.item_value = None if item_value is None else item_value.float()
+
+    def booking_probability(
+        self, clicked: torch.Tensor, state: UserState | None = None,
+        items: Catalogue | None = None,
+    ) -> torch.Tensor:
+        """Probability that a click on each service of `clicked` ((B,) or (B, K)) books."""
+        rows = clicked.clamp(min=0)
+        if self.booking_model is not None and state is not None and items is not None:
+            return self.booking_model.probability(state, items, rows)
+        return self.booking_rate.to(rows.device)[rows]
+
+    def booking_reward(self, clicked: torch.Tensor) -> torch.Tensor | float:
+        """Reward of a booking of each service of `clicked` (any shape)."""
+        if self.item_value is None:
+            return self.booking_value
+        return self.booking_value * self.item_value.to(clicked.device)[clicked.clamp(min=0)]
 
     def respond(
-        self, clicked_items: torch.Tensor, generator: torch.Generator
+        self, clicked_items: torch.Tensor, generator: torch.Generator,
+        state: UserState | None = None, items: Catalogue | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw bookings for the clicks of a day.
 
         Args:
             clicked_items: (B,) catalogue index of the clicked service, -1 where none.
             generator: the seeded source of randomness.
+            state: the users, for a booking model that depends on them.
+            items: the catalogue, likewise.
 
         Returns:
             clicks (B,), bookings (B,) as 0/1 floats, and reward (B,).
         """
         clicks = (clicked_items >= 0).float()
-        rate = self.booking_rate[clicked_items.clamp(min=0)] * clicks
+        rate = self.booking_probability(clicked_items, state, items) * clicks
         draws = torch.rand(rate.shape, generator=generator, device=rate.device)
         bookings = (draws < rate).float()
-        return clicks, bookings, clicks + self.booking_value * bookings
+        reward = self.click_value * clicks + self.booking_reward(clicked_items) * bookings
+        return clicks, bookings, reward
+
+    def expected_reward(
+        self, click_probability: torch.Tensor, slates: torch.Tensor,
+        state: UserState | None = None, items: Catalogue | None = None,
+    ) -> torch.Tensor:
+        """(B,) expected reward of the day given each slate's (B, K) click probabilities."""
+        booking = self.booking_probability(slates, state, items)
+        per_item = self.click_value + self.booking_reward(slates) * booking
+        return (click_probability * per_item).sum(dim=1)
+
+
+class ActivityModel:
+    """How a booking changes the user's chance to open the app on later days.
+
+    A user's activity is the daily probability of a visit. A booking of service s adds
+    `effect[s]` (negative for poor sessions) to it, kept within [floor, ceiling]; nothing
+    else moves it. This is RecSim's time budget seen day by day: good sessions make the
+    user come back more often, poor ones less.
+    """
+
+    def __init__(self, effect: torch.Tensor, floor: float = 0.01, ceiling: float = 0.99) -> None:
+        """Set up the dynamics.
+
+        Args:
+            effect: (S,) change of daily visit probability after a booking of each service.
+            floor: the lowest activity a user can fall to.
+            ceiling: the highest activity.
+        """
+        self.effect = effect.float()
+        self.floor = floor
+        self.ceiling = ceiling
+
+    def update(
+        self, activity: torch.Tensor, clicked_items: torch.Tensor, bookings: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) activity after a day with these bookings (0/1) of these services."""
+        change = self.effect.to(activity.device)[clicked_items.clamp(min=0)] * bookings
+        # Limitation: activity only moves with bookings; users never drift away on their own,
+        # so the environment has no churn that a policy could slow down without bookings.
+        return (activity + change).clamp(self.floor, self.ceiling)
 
 
 class SimEnv:
@@ -246,6 +337,7 @@ class SimEnv:
         horizon: int = 8,
         p_active: float | torch.Tensor = 1.0,
         seed: int = 0,
+        activity_model: ActivityModel | None = None,
     ) -> None:
         """Assemble the environment from its parts.
 
@@ -256,8 +348,11 @@ class SimEnv:
             response: bookings and reward.
             user_model: interest dynamics; 14-day half-life when omitted.
             horizon: days per episode.
-            p_active: probability that a user opens the app on a day, scalar or (U,).
+            p_active: probability that a user opens the app on a day, scalar or (U,): the
+                users' activity on day 0.
             seed: seed of the environment's generator.
+            activity_model: how bookings change each user's activity during an episode;
+                activity stays at `p_active` when omitted.
         """
         self.population = population
         self.catalogue = catalogue
@@ -270,9 +365,11 @@ class SimEnv:
         self.p_active = torch.as_tensor(p_active, dtype=torch.float32, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.activity_model = activity_model
         self.state: UserState | None = None
         self.day = 0
-        self._p_active_batch = self.p_active
+        self.activity = self.p_active
+        """(B,) (or scalar) daily visit probability of the episode's users."""
 
     @property
     def done(self) -> bool:
@@ -297,7 +394,8 @@ class SimEnv:
         if users is None:
             users = torch.arange(self.population.n_users, device=self.device)
         state = self.population.index(users)
-        self._p_active_batch = self.p_active[users] if self.p_active.dim() else self.p_active
+        activity = self.p_active[users] if self.p_active.dim() else self.p_active
+        self.activity = activity.expand(len(users)).clone()
         self.day = 0
         self.state = replace(state, active=self._draw_active(state.n_users))
         return self.state
@@ -310,7 +408,9 @@ class SimEnv:
 
         Returns:
             The next state, reward (B,), and info with `clicks`, `bookings` (B,) 0/1 floats,
-            `choice` (B,) slate position clicked or -1, and `active` (B,) bool of the day.
+            `choice` (B,) slate position clicked or -1, `active` (B,) bool of the day,
+            `expected_reward` (B,) the reward's expectation given the state and slate (0 for
+            inactive users), and `activity` (B,) the users' visit probability afterwards.
         """
         if self.state is None or self.done:
             raise RuntimeError("call reset() before step() and after an episode ends")
@@ -324,15 +424,24 @@ class SimEnv:
         clicked_items = torch.where(
             choice >= 0, slates.gather(1, choice.clamp(min=0).unsqueeze(1)).squeeze(1), -1
         )
-        clicks, bookings, reward = self.response.respond(clicked_items, self.generator)
+        clicks, bookings, reward = self.response.respond(
+            clicked_items, self.generator, state, self.catalogue)
+        with torch.no_grad():
+            no_click = utilities.new_zeros(utilities.shape[0], 1)
+            click_probability = torch.softmax(torch.cat([utilities, no_click], 1), 1)[:, :-1]
+            expected = self.response.expected_reward(
+                click_probability, slates, state, self.catalogue) * state.active
 
         topic = self.catalogue.topic[clicked_items.clamp(min=0)]
         next_state = self.user_model.update(state, topic, clicks, bookings)
+        if self.activity_model is not None:
+            self.activity = self.activity_model.update(self.activity, clicked_items, bookings)
         self.day += 1
         self.state = replace(next_state, active=self._draw_active(state.n_users))
-        info = {"clicks": clicks, "bookings": bookings, "choice": choice, "active": state.active}
+        info = {"clicks": clicks, "bookings": bookings, "choice": choice, "active": state.active,
+                "expected_reward": expected, "activity": self.activity}
         return self.state, reward, info
 
     def _draw_active(self, n: int) -> torch.Tensor:
         draws = torch.rand(n, generator=self.generator, device=self.device)
-        return draws < self._p_active_batch
+        return draws < self.activity

@@ -124,6 +124,7 @@ final as (
         bookings,
         likes,
         n_reviews,
+        rating_sum,
 
         ---------- rates shrunk towards a prior
         (clicks + 1.0)::double precision
