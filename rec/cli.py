@@ -55,9 +55,15 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from rec.demo import run_demo
+    from rec.experiment import ARMS
 
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    if arms is not None and (not arms or set(arms) - set(ARMS)):
+        raise SystemExit(f"--arms {args.arms!r}: choose among {', '.join(ARMS)}")
+    if args.days < 1:
+        raise SystemExit("--days must be at least 1")
     run_demo(days=args.days, users=args.users, experts=args.experts, seed=args.seed,
-             as_json=args.json)
+             as_json=args.json, arms=arms, fresh=args.fresh, parallel=args.parallel)
     return 0
 
 
@@ -92,7 +98,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         from rec.agents.recsim_train import train_and_save
 
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        print(json.dumps(train_and_save(args.agent, args.out, args.steps, args.seed)))
+        print(json.dumps(train_and_save(args.agent, args.out, args.steps, args.seed,
+                                        warm_start=args.init)))
         return 0
 
     from rec.sim.recsim import RECSIM_RETURNS, RECSIM_STEPS_PER_S, evaluate, make_policy
@@ -187,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--experts", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", help="run the experiment with these arms, e.g."
+                   " rl,popularity,myopic: one copy of the world and one database per arm")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --arms: start the experiment over instead of continuing it")
+    p.add_argument("--parallel", action="store_true",
+                   help="with --arms: play the arms side by side, one process each")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.set_defaults(func=cmd_demo)
 
@@ -216,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=["recsim"], default="recsim")
     train.add_argument("--agent", choices=["reinforce", "slateq"], required=True)
     train.add_argument("--out", required=True, help="policy file; its curve goes to OUT.png")
-    train.add_argument("--steps", type=int, help="user-steps to train (the agent's default)")
+    train.add_argument("--steps", type=int, help="user-steps to train (the agent's default;"
+                       " a fifth of it with --init)")
+    train.add_argument("--init", "--warm-start", dest="init", metavar="PATH",
+                       help="continue from this saved policy, its critic and optimiser state")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2, help="torch threads (0: default)")
     p.set_defaults(func=cmd_sim)

@@ -49,7 +49,7 @@ def _dbt(context, command: str, select: str | None, folder: str) -> dict:
 
     history_days = context["params"].get("history_days") or RunConfig.history_days
     return run_dbt(
-        context["logical_date"].date(),
+        context["data_interval_end"].date(),
         command=command,
         select=select,
         history_days=history_days,
@@ -95,7 +95,7 @@ def dbt_task_group(group_id: str = "dbt") -> TaskGroup:
             """`dbt docs generate` into REC_HOME/dbt/docs: lineage and columns of this run."""
             from rec.transform import generate_docs
 
-            return str(generate_docs(context["logical_date"].date()))
+            return str(generate_docs(context["data_interval_end"].date()))
 
         freshness = source_freshness()
         docs = docs_generate()

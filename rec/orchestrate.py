@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
-from datetime import date
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, timedelta
 from pathlib import Path
 
 from rec.config import REPO_ROOT, airflow_home
@@ -38,11 +43,12 @@ def airflow_env() -> dict[str, str]:
     return env
 
 
-def airflow_command(args: list[str], check: bool = True, capture: bool = False):
-    """Run `airflow ARGS` with the project's environment."""
+def airflow_command(args: list[str], check: bool = True, capture: bool = False,
+                    env: dict[str, str] | None = None):
+    """Run `airflow ARGS` with the project's environment (plus `env`)."""
     executable = Path(sys.executable).parent / "airflow"
-    return subprocess.run([str(executable), *args], env=airflow_env(), check=check,
-                          capture_output=capture, text=True)
+    return subprocess.run([str(executable), *args], env=airflow_env() | (env or {}),
+                          check=check, capture_output=capture, text=True)
 
 
 def ensure_metadata_db() -> None:
@@ -116,3 +122,126 @@ def failed_tasks(dag_id: str, logical_date: date) -> list[str]:
         " on r.run_id = ti.run_id and r.dag_id = ti.dag_id where ti.dag_id = :dag_id"
         " and ti.state in ('failed', 'upstream_failed')", {"dag_id": dag_id})
     return [f"{r[0]} ({r[1]})" for r in rows if str(r[2]).startswith(logical_date.isoformat())]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def scheduler_stack(log_dir: Path | None = None) -> Iterator[dict[str, str]]:
+    """Run Airflow's api-server, scheduler and dag-processor in the background, then stop them.
+
+    What `airflow standalone` runs, minus the triggerer, on a free port, so that runs created
+    outside `dags test` (a backfill) get executed. Cron schedules stay off
+    (`use_job_schedule`): only runs created explicitly are executed, never a catch-up run
+    of today's date.
+
+    Yields:
+        The extra environment the stack runs with, for Airflow commands sent to it.
+    """
+    ensure_metadata_db()
+    port = _free_port()
+    extra = {
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        # Task processes at once: the dbt staging models would otherwise all start together,
+        # each a Python process of its own, which thrashes a small machine.
+        "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "2"),
+    }
+    log_dir = log_dir or airflow_home() / "stack-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    executable = str(Path(sys.executable).parent / "airflow")
+    processes = []
+    try:
+        for component in ("api-server", "dag-processor", "scheduler"):
+            out = (log_dir / f"{component}.log").open("ab")
+            processes.append(subprocess.Popen(
+                [executable, component], env=airflow_env() | extra, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True))
+        log.info("airflow api-server (port %d), dag-processor and scheduler started; logs in %s",
+                 port, log_dir)
+        yield extra
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.info("airflow stack stopped")
+
+
+def run_backfill(dag_id: str, from_date: date, to_date: date, conf: dict | None = None,
+                 timeout_s: float = 3600.0) -> dict[str, str]:
+    """Backfill `dag_id` over from_date..to_date (inclusive) with `airflow backfill create`.
+
+    A scheduler stack runs for the duration; the backfill runs one date at a time, in date
+    order (each night warm-starts from the previous one). Dates that already have runs are
+    run again (`--reprocess-behavior completed`).
+
+    Returns:
+        The state of the backfill's run of each logical date (ISO date -> state).
+
+    Raises:
+        RuntimeError: a run failed, or the runs did not finish within `timeout_s`.
+    """
+    expected = {(from_date + timedelta(days=i)).isoformat()
+                for i in range((to_date - from_date).days + 1)}
+    with scheduler_stack() as extra:
+        _wait_for_dag(dag_id, timeout_s=300)
+        airflow_command(["dags", "unpause", dag_id], capture=True, env=extra)
+        args = ["backfill", "create", "--dag-id", dag_id, "--from-date", from_date.isoformat(),
+                "--to-date", to_date.isoformat(), "--max-active-runs", "1",
+                "--reprocess-behavior", "completed"]
+        if conf:
+            args += ["--dag-run-conf", json.dumps(conf)]
+        started = time.perf_counter()
+        airflow_command(args, capture=True, env=extra)
+        states: dict[str, str] = {}
+        while time.perf_counter() - started < timeout_s:
+            states = _backfill_states(dag_id, expected)
+            if len(states) == len(expected) and all(
+                    s in ("success", "failed") for s in states.values()):
+                break
+            time.sleep(5)
+        airflow_command(["dags", "pause", dag_id], capture=True, check=False, env=extra)
+    failed = sorted(d for d, s in states.items() if s != "success")
+    if len(states) < len(expected) or failed:
+        raise RuntimeError(f"backfill of {dag_id} {from_date}..{to_date} did not succeed: "
+                           f"{states or 'no runs were created'}")
+    log.info("backfill of %s %s..%s: %d runs succeeded in %.0fs", dag_id, from_date, to_date,
+             len(states), time.perf_counter() - started)
+    return states
+
+
+def _wait_for_dag(dag_id: str, timeout_s: float) -> None:
+    """Wait until the dag-processor has parsed and serialised the DAG."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            if _metadata_query("select 1 from serialized_dag where dag_id = :dag_id",
+                               {"dag_id": dag_id}):
+                return
+        except Exception:  # noqa: BLE001 - the table may be locked while the processor writes
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"the dag-processor did not serialise {dag_id} within {timeout_s:.0f}s")
+
+
+def _backfill_states(dag_id: str, expected: set[str]) -> dict[str, str]:
+    # Keyed by the end of the data interval: a backfill's runs carry the interval's start
+    # as their logical date, where `dags test` and scheduled runs carry its end.
+    rows = _metadata_query(
+        "select data_interval_end, state from dag_run where dag_id = :dag_id"
+        " and run_type = 'backfill' order by id", {"dag_id": dag_id})
+    latest = {str(r[0])[:10]: r[1] for r in rows}
+    return {d: s for d, s in latest.items() if d in expected}

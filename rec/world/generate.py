@@ -50,6 +50,18 @@ create table if not exists world.user_truth (
     interests real[] not null,
     activity real not null
 );
+-- Days of activity a user has left: time spends it, good sessions add to it; at zero the
+-- user churns and never comes back (RecSim's time budget, counted in days).
+alter table world.user_truth add column if not exists budget real not null default 40;
+alter table world.user_truth add column if not exists churned_on date;
+-- Each sudden change of a user's interests to a new topic, for the experiment's report.
+create table if not exists world.interest_jumps (
+    user_id bigint not null,
+    day date not null,
+    from_topic smallint not null,
+    to_topic smallint not null,
+    primary key (user_id, day)
+);
 create table if not exists world.expert_truth (
     expert_id integer primary key,
     quality real not null
@@ -62,6 +74,9 @@ create table if not exists world.days (
 """
 
 
+TRUTH_COLUMNS = ("user_id", "interests", "activity", "budget")
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     """The size and seed of a world; the same spec always builds the same world."""
@@ -72,6 +87,10 @@ class WorldSpec:
     start_date: date = date(2026, 1, 1)
     new_users_per_day: float = 0.01
     """New sign-ups per day, as a share of the initial population."""
+    jump_rate: float = 0.005
+    """Daily probability that a user's interests jump to a topic they did not care about."""
+    mean_budget_days: float = 40.0
+    """Mean days of activity a user starts with (Gamma distributed, shape 4)."""
 
     def to_json(self) -> str:
         values = asdict(self)
@@ -86,16 +105,23 @@ class WorldSpec:
 
 
 def draw_users(
-    rng: np.random.Generator, count: int, first_id: int, n_topics: int, signed_up_on: date
+    rng: np.random.Generator, count: int, first_id: int, n_topics: int, signed_up_on: date,
+    mean_budget_days: float = 40.0,
 ) -> tuple[list[tuple], list[tuple]]:
     """Draw `count` users: their app rows and their hidden truth rows.
 
     Latent interests are a sparse Dirichlet draw (most users care about one to
     three topics). At sign-up a user ticks the topics they think they like:
-    their strongest interests seen through noise.
+    their strongest interests seen through noise. Each user also gets a daily
+    visit probability (`activity`) and a budget of days before they lose interest.
+
+    Returns:
+        (user_id, signed_up_at, signup_topics) rows for `app.users` and
+        (user_id, interests, activity, budget) rows for `world.user_truth`.
     """
     interests = rng.dirichlet(np.full(n_topics, 0.35), size=count)
     activity = rng.beta(2.0, 5.0, size=count)
+    budget = rng.gamma(4.0, mean_budget_days / 4.0, size=count)
     noisy = np.log(interests + 1e-6) + rng.gumbel(size=interests.shape)
     n_picked = rng.integers(1, 4, size=count)
     app_rows, truth_rows = [], []
@@ -105,7 +131,8 @@ def draw_users(
         picked = np.argsort(-noisy[i])[: n_picked[i]]
         signed_up_at = midnight + timedelta(seconds=float(rng.uniform(0, 86_399)))
         app_rows.append((user_id, signed_up_at, sorted(int(t) for t in picked)))
-        truth_rows.append((user_id, interests[i].astype(np.float32).tolist(), float(activity[i])))
+        truth_rows.append((user_id, interests[i].astype(np.float32).tolist(),
+                           float(activity[i]), float(budget[i])))
     return app_rows, truth_rows
 
 
@@ -148,9 +175,9 @@ def seed_world(conn: psycopg.Connection, spec: WorldSpec) -> None:
     copy_rows(conn, "world.expert_truth", ("expert_id", "quality"), truth)
 
     users, user_truth = draw_users(rng, spec.users, 1, n_topics,
-                                   spec.start_date - timedelta(days=30))
+                                   spec.start_date - timedelta(days=30), spec.mean_budget_days)
     copy_rows(conn, "app.users", ("user_id", "signed_up_at", "signup_topics"), users)
-    copy_rows(conn, "world.user_truth", ("user_id", "interests", "activity"), user_truth)
+    copy_rows(conn, "world.user_truth", TRUTH_COLUMNS, user_truth)
     conn.execute("insert into world.settings values ('spec', %s)", (spec.to_json(),))
     log.info("seeded world: %d topics, %d experts, %d services, %d users (seed %d)",
              n_topics, spec.experts, len(services), spec.users, spec.seed)

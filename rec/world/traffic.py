@@ -1,11 +1,17 @@
 """One simulated day of app traffic, written into the `app` schema.
 
-Each active user opens the app once, sees a slate (the top of today's published
-list, or a popularity ranking where there is none), clicks at most one service
-by a multinomial logit over their hidden interests, and may book it, like it and
-review the session. Bookings move the user's interests towards the topic and,
-through the session's quality, make them more or less active afterwards: the
-long-term effect that a recommender optimising only today's click misses.
+Each user who still has days of interest left opens the app with their daily
+probability, sees a slate (the top of today's published list, or a popularity
+ranking where there is none), clicks at most one service by a multinomial logit
+over their hidden interests, and may book it, like it and review the session.
+
+What a visit was worth to the user (their satisfaction) has consequences that the
+pipeline sees only through future events: a visit with nothing worth clicking
+spends part of their patience, a booked session adds to it in proportion to how
+good it was (its rating, driven by the expert's hidden quality), and both the
+remaining days (the budget) and the daily visit probability follow. A user whose
+budget runs out churns. Interests drift towards what users consume, and some
+users' interests jump to a new topic at a daily rate.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from rec.db import copy_rows
 from rec.sim.engine import sample_slate_choice
-from rec.world.generate import draw_users, world_spec
+from rec.world.generate import TRUTH_COLUMNS, WorldSpec, draw_users, world_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +53,24 @@ class Behaviour:
     booking_interest: float = 3.0
     booking_quality: float = 0.4
     review_probability: float = 0.6
-    activity_per_rating: float = 0.03
-    """Change of daily visit probability per rating point above 3.5 after a session."""
+    rating_mean: float = 3.6
+    """Mean rating of a session with an expert of average quality."""
+    rating_per_quality: float = 0.9
+    """Rating points per unit of the expert's hidden quality."""
+    empty_visit_satisfaction: float = -0.5
+    """Satisfaction of a visit that ends without a click (a wasted visit)."""
+    neutral_rating: float = 3.0
+    """A booked session rated above this satisfies the user, below it disappoints."""
+    budget_days_per_satisfaction: float = 2.0
+    """Days of activity gained (lost) per unit of a visit's satisfaction."""
+    activity_per_satisfaction: float = 0.01
+    """Change of the daily visit probability per unit of a visit's satisfaction."""
     interest_drift: float = 0.08
     """Share of interest that moves to a booked session's topic."""
+    click_drift: float = 0.02
+    """Share of interest that moves to a clicked (not booked) service's topic."""
+    jump_strength: float = 0.8
+    """Share of interest that moves to the new topic when a user's interests jump."""
 
 
 @dataclass
@@ -58,6 +78,8 @@ class WorldState:
     user_ids: np.ndarray
     interests: torch.Tensor
     activity: torch.Tensor
+    budget: torch.Tensor
+    churned: torch.Tensor
     service_ids: np.ndarray
     service_topic: torch.Tensor
     service_quality: torch.Tensor
@@ -66,7 +88,8 @@ class WorldState:
 
 def _load_state(conn: psycopg.Connection) -> WorldState:
     users = conn.execute(
-        "select user_id, interests, activity from world.user_truth order by user_id"
+        "select user_id, interests, activity, budget, churned_on is not null"
+        " from world.user_truth order by user_id"
     ).fetchall()
     services = conn.execute(
         "select s.service_id, s.topic_id, t.quality, s.price"
@@ -77,6 +100,8 @@ def _load_state(conn: psycopg.Connection) -> WorldState:
         user_ids=np.array([u[0] for u in users], dtype=np.int64),
         interests=torch.tensor([u[1] for u in users], dtype=torch.float32),
         activity=torch.tensor([u[2] for u in users], dtype=torch.float32),
+        budget=torch.tensor([u[3] for u in users], dtype=torch.float32),
+        churned=torch.tensor([u[4] for u in users], dtype=torch.bool),
         service_ids=np.array([s[0] for s in services], dtype=np.int64),
         service_topic=torch.tensor([s[1] for s in services], dtype=torch.long),
         service_quality=torch.tensor([s[2] for s in services], dtype=torch.float32),
@@ -128,34 +153,33 @@ def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def simulate_day(
-    conn: psycopg.Connection, day: date, behaviour: Behaviour | None = None
-) -> dict[str, int]:
-    """Play one day of the world against what is published for it. Refuses a replay."""
-    behaviour = behaviour or Behaviour()
-    started = time.perf_counter()
-    spec = world_spec(conn)
-    if spec is None:
-        raise RuntimeError("no world is seeded in this database: run `rec world seed` first")
-    if conn.execute("select 1 from world.days where day = %s", (day,)).fetchone():
-        raise RuntimeError(f"world day {day} was already simulated; a day is played once")
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + day.toordinal())
-    rng = np.random.default_rng([spec.seed, day.toordinal()])
+def _jump_interests(
+    state: WorldState, behaviour: Behaviour, rate: float, generator: torch.Generator
+) -> list[tuple[int, int, int]]:
+    """Move some users' interests to a topic they did not care about; returns the jumps."""
+    n_users, n_topics = state.interests.shape
+    draws = torch.rand(n_users, generator=generator)
+    targets = torch.randint(0, n_topics - 1, (n_users,), generator=generator)
+    jumping = ((draws < rate) & ~state.churned).nonzero().squeeze(1)
+    if len(jumping) == 0:
+        return []
+    old_top = state.interests[jumping].argmax(dim=1)
+    # A topic drawn among the others: skip over the current favourite.
+    new_topic = targets[jumping] + (targets[jumping] >= old_top).long()
+    strength = behaviour.jump_strength
+    state.interests[jumping] *= 1.0 - strength
+    state.interests[jumping, new_topic] += strength
+    return [(int(state.user_ids[u]), int(a), int(b)) for u, a, b in zip(
+        jumping.tolist(), old_top.tolist(), new_topic.tolist(), strict=True)]
 
-    state = _load_state(conn)
+
+def _serve_slates(conn, day, state, active_idx, k, generator):
+    """Each visitor's slate: their published list where complete, else popularity."""
     index_of_service = {int(s): i for i, s in enumerate(state.service_ids)}
-    k = min(behaviour.slate_size, len(state.service_ids))
-
-    active = torch.rand(len(state.user_ids), generator=generator) < state.activity
-    active_idx = active.nonzero().squeeze(1)
     n_active = len(active_idx)
-
-    # Slates: the published list where a user has one, else popularity.
     published, version = _published_slates(conn, day, k)
-    popular, popular_prop = _plackett_luce_sample(
+    slates, propensity = _plackett_luce_sample(
         _popularity_weights(conn, day, state.service_ids), n_active, k, generator)
-    slates = popular.clone()
-    propensity = popular_prop.clone()
     source = ["popularity"] * n_active
     for row, u in enumerate(active_idx.tolist()):
         entry = published.get(int(state.user_ids[u]))
@@ -167,6 +191,36 @@ def simulate_day(
         slates[row] = torch.tensor(items[:k])
         propensity[row] = torch.tensor(entry[1][:k])
         source[row] = f"rec:{version}"
+    return slates, propensity, source
+
+
+def simulate_day(
+    conn: psycopg.Connection, day: date, behaviour: Behaviour | None = None
+) -> dict[str, int | float]:
+    """Play one day of the world against what is published for it. Refuses a replay.
+
+    Returns:
+        The day's counts: visits, impressions, clicks, likes, bookings, reviews, revenue,
+        new_users, jumps, churned (users whose budget ran out today) and active_users
+        (users with budget left at the end of the day).
+    """
+    behaviour = behaviour or Behaviour()
+    started = time.perf_counter()
+    spec = world_spec(conn)
+    if spec is None:
+        raise RuntimeError("no world is seeded in this database: run `rec world seed` first")
+    if conn.execute("select 1 from world.days where day = %s", (day,)).fetchone():
+        raise RuntimeError(f"world day {day} was already simulated; a day is played once")
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + day.toordinal())
+    rng = np.random.default_rng([spec.seed, day.toordinal()])
+
+    state = _load_state(conn)
+    jumps = _jump_interests(state, behaviour, spec.jump_rate, generator)
+    k = min(behaviour.slate_size, len(state.service_ids))
+
+    visiting = torch.rand(len(state.user_ids), generator=generator) < state.activity
+    active_idx = (visiting & ~state.churned).nonzero().squeeze(1)
+    slates, propensity, source = _serve_slates(conn, day, state, active_idx, k, generator)
 
     # Choices by the hidden multinomial logit.
     topics = state.service_topic[slates]
@@ -191,32 +245,59 @@ def simulate_day(
     booked = torch.rand(len(clicked_rows), generator=generator) < torch.sigmoid(booking_logit)
     liked = torch.rand(len(clicked_rows), generator=generator) < torch.sigmoid(
         quality + 2.0 * clicked_interest - 1.0)
-    rating = (3.6 + 0.9 * quality + 0.6 * torch.randn(len(clicked_rows), generator=generator))
+    rating = (behaviour.rating_mean + behaviour.rating_per_quality * quality
+              + 0.6 * torch.randn(len(clicked_rows), generator=generator))
     rating = rating.round().clamp(1, 5)
     reviewed = booked & (
         torch.rand(len(clicked_rows), generator=generator) < behaviour.review_probability)
 
-    # Consequences the pipeline sees only through future events.
-    booked_users = active_idx[clicked_rows[booked]]
-    booked_topics = state.service_topic[clicked_item[booked]]
-    drift = behaviour.interest_drift
-    state.interests[booked_users] *= 1.0 - drift
-    state.interests[booked_users, booked_topics] += drift
-    state.activity[booked_users] = (
-        state.activity[booked_users]
-        + behaviour.activity_per_rating * (rating[booked] - 3.5)
-    ).clamp(0.02, 0.95)
+    churned_today = _consequences(state, behaviour, active_idx, clicked_rows, clicked_item,
+                                  booked, rating)
 
     counts = _write_day(conn, day, rng, state, active_idx, slates, propensity, source,
                         clicked_rows, clicked_item, booked, liked, rating, reviewed)
+    counts["jumps"] = len(jumps)
+    counts["churned"] = int(churned_today.sum())
+    counts["active_users"] = int((~state.churned).sum())
     counts["new_users"] = _sign_up_new_users(conn, day, spec, rng)
-    _store_truth(conn, state)
+    counts["active_users"] += counts["new_users"]
+    _store_truth(conn, state, day, churned_today)
+    copy_rows(conn, "world.interest_jumps", ("user_id", "day", "from_topic", "to_topic"),
+              ((u, day, a, b) for u, a, b in jumps))
     conn.execute("insert into world.days (day, counts) values (%s, %s)",
                  (day, psycopg.types.json.Jsonb(counts)))
-    log.info("world day %s: %d visits, %d impressions, %d clicks, %d bookings in %.1fs",
-             day, counts["visits"], counts["impressions"], counts["clicks"],
-             counts["bookings"], time.perf_counter() - started)
+    log.info("world day %s: %d visits, %d clicks, %d bookings, %d jumps, %d churned,"
+             " %d new, %d active users in %.1fs", day, counts["visits"], counts["clicks"],
+             counts["bookings"], counts["jumps"], counts["churned"], counts["new_users"],
+             counts["active_users"], time.perf_counter() - started)
     return counts
+
+
+def _consequences(state: WorldState, behaviour: Behaviour, active_idx: torch.Tensor,
+                  clicked_rows: torch.Tensor, clicked_item: torch.Tensor,
+                  booked: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    """Satisfaction moves budgets and visit probabilities; interests drift. Returns churners."""
+    satisfaction = torch.full((len(active_idx),), behaviour.empty_visit_satisfaction)
+    satisfaction[clicked_rows] = 0.0
+    booked_rows = clicked_rows[booked]
+    satisfaction[booked_rows] = rating[booked] - behaviour.neutral_rating
+
+    # A day passes for everyone; visitors gain or lose days by what the visit was worth.
+    state.budget -= 1.0
+    state.budget[active_idx] += behaviour.budget_days_per_satisfaction * satisfaction
+    state.activity[active_idx] = (
+        state.activity[active_idx] + behaviour.activity_per_satisfaction * satisfaction
+    ).clamp(0.02, 0.95)
+    churned_today = (state.budget <= 0) & ~state.churned
+    state.churned |= churned_today
+
+    # Interests drift towards what was consumed: strongly for bookings, a little for clicks.
+    shares = torch.where(booked, behaviour.interest_drift, behaviour.click_drift)
+    users = active_idx[clicked_rows]
+    topics = state.service_topic[clicked_item]
+    state.interests[users] *= (1.0 - shares).unsqueeze(1)
+    state.interests[users, topics] += shares
+    return churned_today
 
 
 def _write_day(conn, day, rng, state, active_idx, slates, propensity, source,
@@ -277,28 +358,34 @@ def _write_day(conn, day, rng, state, active_idx, slates, propensity, source,
         "likes": int(liked.sum()),
         "bookings": len(bookings),
         "reviews": len(reviews),
+        "revenue": round(sum(b[4] for b in bookings), 2),
     }
 
 
-def _sign_up_new_users(conn, day: date, spec, rng: np.random.Generator) -> int:
+def _sign_up_new_users(conn, day: date, spec: WorldSpec, rng: np.random.Generator) -> int:
+    """New users sign up during the day; they first visit tomorrow."""
     count = int(rng.poisson(spec.new_users_per_day * spec.users))
     if count == 0:
         return 0
     first_id = conn.execute("select coalesce(max(user_id), 0) + 1 from app.users").fetchone()[0]
     n_topics = conn.execute("select count(*) from app.topics").fetchone()[0]
-    users, truth = draw_users(rng, count, first_id, n_topics, day)
+    users, truth = draw_users(rng, count, first_id, n_topics, day, spec.mean_budget_days)
     copy_rows(conn, "app.users", ("user_id", "signed_up_at", "signup_topics"), users)
-    copy_rows(conn, "world.user_truth", ("user_id", "interests", "activity"), truth)
+    copy_rows(conn, "world.user_truth", TRUTH_COLUMNS, truth)
     return count
 
 
-def _store_truth(conn: psycopg.Connection, state: WorldState) -> None:
+def _store_truth(conn: psycopg.Connection, state: WorldState, day: date,
+                 churned_today: torch.Tensor) -> None:
     conn.execute("create temporary table truth_update (like world.user_truth) on commit drop")
-    copy_rows(conn, "truth_update", ("user_id", "interests", "activity"), (
-        (int(u), i, float(a)) for u, i, a in zip(
-            state.user_ids, state.interests.tolist(), state.activity.tolist(), strict=True)))
+    churn_day = [day if c else None for c in churned_today.tolist()]
+    copy_rows(conn, "truth_update", (*TRUTH_COLUMNS, "churned_on"), (
+        (int(u), i, float(a), float(b), c) for u, i, a, b, c in zip(
+            state.user_ids, state.interests.tolist(), state.activity.tolist(),
+            state.budget.tolist(), churn_day, strict=True)))
     conn.execute(
-        "update world.user_truth t set interests = u.interests, activity = u.activity"
+        "update world.user_truth t set interests = u.interests, activity = u.activity,"
+        " budget = u.budget, churned_on = coalesce(t.churned_on, u.churned_on)"
         " from truth_update u where t.user_id = u.user_id"
     )
     conn.execute("drop table truth_update")
