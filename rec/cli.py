@@ -99,7 +99,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads or torch.get_num_threads())
         print(json.dumps(train_and_save(args.agent, args.out, args.steps, args.seed,
-                                        warm_start=args.init)))
+                                        warm_start=args.init,
+                                        eval_episodes=args.eval_episodes)))
         return 0
 
     from rec.sim.recsim import RECSIM_RETURNS, RECSIM_STEPS_PER_S, evaluate, make_policy
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from this saved policy, its critic and optimiser state")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2, help="torch threads (0: default)")
+    train.add_argument("--eval-episodes", type=int,
+                       help="episodes of the final greedy evaluation (the agent's default)")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("ingest", help="load an external dataset into the app schema")

@@ -98,7 +98,7 @@ def test_candidate_logits_match_the_policy_on_one_hot_candidates():
 def _train_cli(agent: str, out, *extra: str) -> dict:
     """`rec sim train` in this process for one batch (the smallest budget); its summary."""
     argv = ["sim", "train", "--preset", "recsim", "--agent", agent, "--out", str(out),
-            "--steps", "1", "--seed", "0", "--threads", "1", *extra]
+            "--steps", "1", "--seed", "0", "--threads", "1", "--eval-episodes", "50", *extra]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert rec_main(argv) == 0

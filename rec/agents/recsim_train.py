@@ -36,7 +36,8 @@ WARM_START_ARGS: dict[str, dict[str, Any]] = {
 so it explores less and takes smaller steps."""
 
 
-def _agent_args(agent: str, seed: int, steps: int | None, warm: bool) -> Any:
+def _agent_args(agent: str, seed: int, steps: int | None, warm: bool,
+                eval_episodes: int | None = None) -> Any:
     if agent == "slateq":
         from rec.agents.slateq import SlateQArgs as Args
     elif agent == "reinforce":
@@ -49,12 +50,15 @@ def _agent_args(agent: str, seed: int, steps: int | None, warm: bool) -> Any:
         args.total_steps = int(args.total_steps * WARM_START_SHARE)
     if steps:
         args.total_steps = steps
+    if eval_episodes:
+        args.eval_episodes = eval_episodes
     return args
 
 
 def train_agent(
     agent: str, steps: int | None = None, seed: int = 0, progress: bool = True,
     warm_start: str | Path | None = None, config: RecSimConfig | None = None,
+    eval_episodes: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train `agent` (`reinforce` or `slateq`) for `steps` user-steps, from scratch or on.
 
@@ -67,6 +71,7 @@ def train_agent(
             critic and optimiser moments. A file without training state (older ones)
             continues the policy with a new critic.
         config: the environment's constants; RecSim's defaults when omitted.
+        eval_episodes: episodes of the final greedy evaluation; None for the agent's default.
 
     Returns:
         The trained policy and the agent's metrics (see `train_slateq`, `train_topk_reinforce`).
@@ -76,7 +81,7 @@ def train_agent(
     """
     from rec.policy import load_slate_policy, load_training_state
 
-    args = _agent_args(agent, seed, steps, warm_start is not None)
+    args = _agent_args(agent, seed, steps, warm_start is not None, eval_episodes)
     policy = training = None
     if warm_start is not None:
         policy = load_slate_policy(warm_start)
@@ -100,7 +105,7 @@ def train_agent(
 def train_and_save(
     agent: str, out: str | Path, steps: int | None = None, seed: int = 0,
     progress: bool = True, warm_start: str | Path | None = None,
-    config: RecSimConfig | None = None,
+    config: RecSimConfig | None = None, eval_episodes: int | None = None,
 ) -> dict[str, Any]:
     """Train, save the policy at `out` and its learning curve beside it (`<out>.png`).
 
@@ -111,7 +116,8 @@ def train_and_save(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    policy, metrics = train_agent(agent, steps, seed, progress, warm_start, config)
+    policy, metrics = train_agent(agent, steps, seed, progress, warm_start, config,
+                                  eval_episodes)
     summary = {
         "agent": agent,
         "policy": str(out),
