@@ -86,7 +86,28 @@ class WorldState:
     service_price: torch.Tensor
 
 
-def _load_state(conn: psycopg.Connection) -> WorldState:
+def slate_utility(state: WorldState, behaviour: Behaviour, users: torch.Tensor,
+                  slates: torch.Tensor) -> torch.Tensor:
+    """(B, K) hidden utility of each shown service for users `users` (indices into state)."""
+    interest = state.interests[users].gather(1, state.service_topic[slates])
+    return (
+        behaviour.interest_weight * interest
+        + behaviour.quality_weight * state.service_quality[slates]
+        - behaviour.price_weight * torch.log(state.service_price[slates] / 60.0)
+        - behaviour.position_decay * torch.arange(slates.shape[1], dtype=torch.float32)
+    )
+
+
+def click_probability(state: WorldState, behaviour: Behaviour, users: torch.Tensor,
+                      slates: torch.Tensor) -> torch.Tensor:
+    """(B,) each visit's chance of a click on its slate: the logit's mass off no-click."""
+    logits = slate_utility(state, behaviour, users, slates)
+    no_click = torch.full((len(users), 1), behaviour.no_click_utility)
+    return 1.0 - torch.softmax(torch.cat([logits, no_click], dim=1), dim=1)[:, -1]
+
+
+def load_state(conn: psycopg.Connection) -> WorldState:
+    """The world's hidden state as stored: users' truth and the active catalogue's."""
     users = conn.execute(
         "select user_id, interests, activity, budget, churned_on is not null"
         " from world.user_truth order by user_id"
@@ -214,7 +235,7 @@ def simulate_day(
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + day.toordinal())
     rng = np.random.default_rng([spec.seed, day.toordinal()])
 
-    state = _load_state(conn)
+    state = load_state(conn)
     jumps = _jump_interests(state, behaviour, spec.jump_rate, generator)
     k = min(behaviour.slate_size, len(state.service_ids))
 
@@ -223,14 +244,8 @@ def simulate_day(
     slates, propensity, source = _serve_slates(conn, day, state, active_idx, k, generator)
 
     # Choices by the hidden multinomial logit.
-    topics = state.service_topic[slates]
-    interest = state.interests[active_idx].gather(1, topics)
-    utility = (
-        behaviour.interest_weight * interest
-        + behaviour.quality_weight * state.service_quality[slates]
-        - behaviour.price_weight * torch.log(state.service_price[slates] / 60.0)
-        - behaviour.position_decay * torch.arange(k, dtype=torch.float32)
-    )
+    interest = state.interests[active_idx].gather(1, state.service_topic[slates])
+    utility = slate_utility(state, behaviour, active_idx, slates)
     choice = sample_slate_choice(utility, behaviour.no_click_utility, generator)
     clicked_rows = (choice >= 0).nonzero().squeeze(1)
     clicked_item = slates[clicked_rows, choice[clicked_rows]]
