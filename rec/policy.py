@@ -301,6 +301,13 @@ class TwoTowerPolicy(SlatePolicy):
         topic, numeric = split_item_features(item_features, self.config["n_topics"])
         return self.topic_embedding(topic) + self.numeric_embedding(numeric)
 
+    def user_tower_layers(self) -> list[nn.Linear]:
+        """The user tower f as its linear layers, with tanh between consecutive ones.
+
+        The user side of `factors` is f(features) followed by a constant 1 column.
+        """
+        return [layer for layer in self.user_tower if isinstance(layer, nn.Linear)]
+
     def factors(
         self, user_features: torch.Tensor, item_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 TABLE = "rec.recommendations"
 COLUMNS = ("run_date", "user_id", "rank", "service_id", "expert_id", "score", "propensity",
            "model_version", "generated_at")
-SELECT_ROWS = 65_536
-"""Users whose candidates are held at once while their slots are filled (bounds memory)."""
+SELECT_ROWS = 16_384
+"""Users whose candidates are held at once while their slots are filled (bounds memory); also
+the unit of work of the threads, small enough that they finish together."""
 FACTOR_ROWS = 8192
 """Users whose factors the native path computes at once."""
 COPY_ROWS = 16_384
@@ -79,7 +80,8 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
 
     Policies with a `factors` method are ranked by the fused native kernel (`rec.native`)
     where it is available: the same lists as the torch path (`top_n_for_policy`) from the
-    same seed, up to float rounding at draw boundaries, several times faster.
+    same seed, up to float rounding at draw boundaries, several times faster. The kernel also
+    runs the user tower of policies that expose it (`user_tower_layers`).
     """
     torch.set_num_threads(1)
     n = min(top_n, len(items))
@@ -88,12 +90,20 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
     ranked = Ranked(users.user_ids, np.empty(shape, np.int32), np.empty(shape, np.float32),
                     np.empty(shape, np.float32))
     kernel = native.library() if hasattr(policy, "factors") and 0 < n <= native.MAX_N else None
+    tower = None
     if kernel is not None:
         with torch.no_grad():
             features = user_feature_matrix(users.interest[:1], users.strength[:1],
                                            users.signup[:1])
             _, item_vectors, cap = policy.factors(features, item_features)
         items_t = native.transposed_items(item_vectors)
+        tower = (native.UserTower(kernel, policy.user_tower_layers())
+                 if hasattr(policy, "user_tower_layers") else None)
+
+    def user_factors(features: torch.Tensor) -> torch.Tensor:
+        if tower is not None:
+            return tower.factors(features)
+        return policy.factors(features, item_features[:1])[0]
 
     def rank_block(start: int) -> None:
         rows = slice(start, start + SELECT_ROWS)
@@ -102,13 +112,11 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
             features = user_feature_matrix(users.interest[rows], users.strength[rows],
                                            users.signup[rows])
             if kernel is not None:
-                # Limitation: the user tower (torch, whose tanh is slow here) costs about half
-                # as much as the logits matmul; the kernel itself about 2.5-3 times as much.
                 uniform = topn.slot_uniforms(len(features), n, exploration, generator)
-                # Small steps keep the user tower's activations in cache and off the heap.
+                # Small steps keep the user factors in cache and off the heap.
                 for sub in range(0, len(features), FACTOR_ROWS):
                     part = slice(sub, sub + FACTOR_ROWS)
-                    user_vectors, _, _ = policy.factors(features[part], item_features[:1])
+                    user_vectors = user_factors(features[part])
                     out = slice(start + sub, start + min(sub + FACTOR_ROWS, len(features)))
                     native.rank(kernel, user_vectors, items_t, cap, n, len(items), exploration,
                                 None if uniform is None else uniform[part],

@@ -9,7 +9,7 @@ It runs in two steps. `summarise` makes one pass over a (B, S) score block while
 cache: the n best services (candidates), their softmax weights, and the summed weights of the
 other services per block. Block b holds the BLOCK columns b, b + W/BLOCK, b + 2W/BLOCK, ...
 of the padded width W: strided blocks make block reductions vectorise across blocks, and W
-is a multiple of 128 so that the W/BLOCK blocks come in whole 8-float vectors.
+is a multiple of 256 so that the W/BLOCK blocks come in whole 16-float vectors.
 `rec.native` computes the same candidates with a fused C kernel and can run `select`'s
 procedure too, from the same uniform numbers (`slot_uniforms`).
 Greedy slots only ever take candidates (before slot t at most t are gone, so one of the n best
@@ -32,8 +32,8 @@ import torch
 
 BLOCK = 16
 """Columns per tail block: the unit of the two-level exploration draw."""
-WIDTH_MULTIPLE = 8 * BLOCK
-"""The padded width's granularity: a whole number of 8-lane vectors of blocks."""
+WIDTH_MULTIPLE = 16 * BLOCK
+"""The padded width's granularity: a whole number of 16-lane vectors of blocks."""
 
 BlockWeights = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(rows (k,), blocks (k,)) -> (softmax weights (k, BLOCK), scores (k, BLOCK)) of the

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_publish import _expected_propensity, _policy_world
+from test_publish import N_TOPICS, _expected_propensity, _policy_world
 
 from rec import native, publish, topn
 
@@ -144,6 +144,32 @@ def test_rank_users_native_equals_torch_path_and_propensities_are_exact(monkeypa
                                rtol=1e-3, atol=1e-7)
     assert users.cold.any()  # cold-start users are ranked like the others
     assert all(len(set(row)) == 20 for row in ours.service_rows.tolist())
+
+
+@pytest.mark.parametrize(("embed_dim", "hidden_dim", "weight_scale"), [
+    (16, 64, 1.0),   # the default tower
+    (10, 40, 3.0),   # widths off the 16-unit grid; saturated and near-zero tanh units
+])
+def test_native_user_tower_equals_the_policy_factors(kernel, embed_dim, hidden_dim,
+                                                     weight_scale):
+    from rec.policy import TwoTowerPolicy, item_feature_matrix, user_feature_matrix
+
+    torch.manual_seed(5)
+    policy = TwoTowerPolicy(N_TOPICS, 4, embed_dim=embed_dim, hidden_dim=hidden_dim).eval()
+    with torch.no_grad():
+        for layer in policy.user_tower_layers():
+            layer.weight.mul_(weight_scale)
+    _, users, items = _policy_world(1000, 30)
+    features = user_feature_matrix(users.interest, users.strength, users.signup)
+    features[::7] *= -4.0  # inputs beyond the training range reach every branch of tanh
+
+    ours = native.UserTower(kernel, policy.user_tower_layers()).factors(features)
+    with torch.no_grad():
+        theirs, _, _ = policy.factors(features, item_feature_matrix(items.topic, items.numeric,
+                                                                    N_TOPICS))
+    assert ours.shape == theirs.shape == (1000, embed_dim + 1)
+    assert (ours[:, -1] == 1.0).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-6)
 
 
 def _scores(policy, users, items) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 `topn_kernel.c` scores users against every service, keeps each user's n best, their softmax
 weights and the tail masses (`rec.topn.Candidates`), and can fill the exploration slates too,
-in one pass per user while the row sits in cache. It is compiled with the system's C
+in one pass per user while the row sits in cache. It also runs a policy's user tower (a tanh
+MLP, `UserTower`) without torch's per-operation overheads. It is compiled with the system's C
 compiler (`CC`, default `cc`) into a cache folder keyed by the source, the flags and the CPU,
 so a clean checkout needs no build step; `REC_NATIVE=0` turns it off. Without a compiler the
 callers fall back to the torch implementation in `rec.policy` / `rec.topn`, with one warning.
@@ -119,7 +120,10 @@ def _load(path: Path) -> ctypes.CDLL:
                                    pointer, pointer, pointer, pointer]
     lib.rec_rank.argtypes = [pointer, i64, i32, pointer, i32, i32, ctypes.c_float, i32,
                              ctypes.c_double, pointer, pointer, pointer, pointer]
+    lib.rec_user_factors.argtypes = [pointer, i64, i32, pointer, pointer, pointer, i32, i32,
+                                     pointer]
     lib.rec_candidates.restype = lib.rec_rank.restype = ctypes.c_int
+    lib.rec_user_factors.restype = ctypes.c_int
     return lib
 
 
@@ -194,3 +198,43 @@ def rank(lib: ctypes.CDLL, users: torch.Tensor, items_t: torch.Tensor, cap: floa
                         items_t.shape[1], n_items, cap, n, exploration,
                         None if uniform is None else _pointer(uniform), _pointer(index),
                         _pointer(score), _pointer(propensity)), "rec_rank")
+
+
+class UserTower:
+    """A tanh MLP (linear layers, tanh between them) run by the kernel: `factors` below.
+
+    The weights are copied once, transposed and zero-padded to multiples of topn.BLOCK units
+    (padded units output tanh(0) = 0 and feed zero weights), as the kernel wants them.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, layers: list[torch.nn.Linear]):
+        self.lib = lib
+        self.in_dim = layers[0].in_features
+        self.out_dim = layers[-1].out_features
+        sizes = [self.in_dim]
+        self.weights, self.biases = [], []
+        for layer in layers:
+            out_padded = -(-layer.out_features // topn.BLOCK) * topn.BLOCK
+            weight_t = np.zeros((sizes[-1], out_padded), np.float32)
+            weight_t[:layer.in_features, :layer.out_features] = layer.weight.detach().float().T
+            bias = np.zeros(out_padded, np.float32)
+            if layer.bias is not None:
+                bias[:layer.out_features] = layer.bias.detach().float()
+            self.weights.append(weight_t)
+            self.biases.append(bias)
+            sizes.append(out_padded)
+        self.sizes = np.array(sizes, np.int32)
+        self.weight_pointers = (ctypes.c_void_p * len(layers))(*map(_pointer, self.weights))
+        self.bias_pointers = (ctypes.c_void_p * len(layers))(*map(_pointer, self.biases))
+
+    def factors(self, features: torch.Tensor, ones_column: bool = True) -> torch.Tensor:
+        """(U, out_dim [+ 1]) float32 outputs of features (U, in_dim), then a 1 if asked."""
+        features = features.detach().float().contiguous()
+        assert features.shape[1] == self.in_dim
+        stride = self.out_dim + int(ones_column)
+        out = torch.empty(len(features), stride)
+        _check(self.lib.rec_user_factors(
+            _pointer(features), len(features), len(self.weights), _pointer(self.sizes),
+            self.weight_pointers, self.bias_pointers, self.out_dim, stride, _pointer(out)),
+            "rec_user_factors")
+        return out

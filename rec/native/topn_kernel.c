@@ -2,21 +2,32 @@
  *
  * For each user row u (D factors) and the services' factors stored transposed (D x W, W the
  * padded width), the logit of service j is cap * tanh(u . v_j / cap) and its softmax weight
- * exp(logit). A group of ROWS users is scored against 16 services at a time with the partial
- * sums held in registers; the raw dot products of each row then sit in a per-row buffer that
- * fits in L1/L2, where the row's n best services (ranked by the dot product, which the logit
- * is monotone in), the weights and the per-block tail masses are found in short passes. The
- * blocks are those of rec/topn.py: block b holds the columns b, b + W/16, b + 2W/16, ...
+ * exp(logit). The blocks are those of rec/topn.py: block b holds the columns b, b + W/16,
+ * b + 2W/16, ..., so a vector of LANES consecutive columns holds one service of each of
+ * LANES consecutive blocks, and per-block maxima and sums are plain vector maxima and sums.
+ *
+ * A group of ROWS users is scored against SPAN vectors of services at a time with the partial
+ * sums held in registers, visiting the 16 vectors of a group of blocks in turn, so that each
+ * row's block maxima come out of the same registers. The raw dot products then sit in a
+ * per-group buffer that fits in L1/L2. From the block maxima follows a threshold no larger
+ * than the row's n-th best dot product (the logit is monotone in it); one more pass computes
+ * every weight, sums the weights below the threshold per block and collects the few services
+ * above it, of which the n best are the candidates.
  *
  * rec_candidates writes what rec.topn.Candidates holds; rec_rank also fills the n slots of
  * every row with the procedure of rec.topn.select, consuming the same uniform numbers, so
  * both produce the same slates as the torch implementation up to float rounding.
+ * rec_user_factors runs a tanh MLP (the two-tower policy's user tower) on many users.
  *
- * Plain C with GCC vector extensions; built by rec/native/__init__.py with -O3 -march=native.
+ * Plain C with GCC vector extensions, 16-float vectors and AVX-512 mask operations where the
+ * compiler targets AVX-512, 8-float vectors otherwise; built by rec/native/__init__.py with
+ * -O3 -march=native.
  *
- * Limitation: written for 8-float vectors (AVX2); AVX-512 machines run it at the same width.
- * Every weight needs an exp (17 vector operations per 8 services, as many as the rank-17 dot
- * products), so a row costs about 2.5-3 times the bare matmul of the same logits, not 2.
+ * Limitation: every weight needs a tanh and an exp (about 14 vector operations per LANES
+ * services, against 17 multiply-adds for a rank-17 dot product), and the exploration draws
+ * (a few hundred cycles each) and the candidates add work per row: on one AVX-512 core a row
+ * costs about 1.75 times torch's bare matmul of the same logits (dot products 0.6, weights
+ * 0.45, selection and slates 0.7).
  * Limitation: rows with more than FOUND services at or above the threshold (exact ties over
  * a large share of the catalogue) fall back to a slower running insertion.
  */
@@ -27,65 +38,109 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 16
-#define ROWS 4
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define LANES 16
+#else
 #define LANES 8
+#endif
+
+#define BLOCK 16
+#define ROWS 6
+#define SPAN 4    /* vectors of services per row in the dot product tile */
+#define MAX_DIM 256
 #define MAX_N 512
 #define FOUND 256 /* services above the threshold that are ranked by counting */
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef float vf_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef uint32_t lane_bits; /* bit i stands for lane i */
 
-static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
-static inline void store8(float *p, v8f v) { *(v8f_unaligned *)p = v; }
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
+static inline void store(float *p, vf v) { *(vf_unaligned *)p = v; }
+static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 is x, even for x = -0 */
 
-#ifdef __AVX__
-static inline v8f vmax(v8f a, v8f b) { return __builtin_ia32_maxps256(a, b); }
-static inline v8f vmin(v8f a, v8f b) { return __builtin_ia32_minps256(a, b); }
-#else
-static inline v8f vmax(v8f a, v8f b) {
-    v8i keep = a > b;
-    return (v8f)(((v8i)a & keep) | ((v8i)b & ~keep));
+#if LANES == 16
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline lane_bits lanes_at_least(vf v, vf limit) {
+    return _mm512_cmp_ps_mask((__m512)v, (__m512)limit, _CMP_GE_OQ);
 }
-
-static inline v8f vmin(v8f a, v8f b) {
-    v8i keep = a < b;
-    return (v8f)(((v8i)a & keep) | ((v8i)b & ~keep));
-}
-#endif
-
-/* Bit i set where lane i of v is >= limit. */
-static inline unsigned lanes_at_least(v8f v, v8f limit) {
-#ifdef __AVX__
-    return (unsigned)__builtin_ia32_movmskps256((v8f)(v >= limit));
 #else
-    unsigned bits = 0;
-    for (int lane = 0; lane < LANES; ++lane) bits |= (unsigned)(v[lane] >= limit[lane]) << lane;
+static inline vf vmax(vf a, vf b) {
+    vi keep = a > b;
+    return (vf)(((vi)a & keep) | ((vi)b & ~keep));
+}
+static inline vf vmin(vf a, vf b) {
+    vi keep = a < b;
+    return (vf)(((vi)a & keep) | ((vi)b & ~keep));
+}
+static inline lane_bits lanes_at_least(vf v, vf limit) {
+    vi at_least = v >= limit;
+    lane_bits bits = 0;
+    for (int lane = 0; lane < LANES; ++lane) bits |= (lane_bits)(at_least[lane] & 1) << lane;
     return bits;
+}
+static inline vf zero_lanes(vf v, lane_bits bits) {
+    vi keep;
+    for (int lane = 0; lane < LANES; ++lane) keep[lane] = (bits >> lane) & 1 ? 0 : -1;
+    return (vf)((vi)v & keep);
+}
+#endif
+
+/* count + 1 in the lanes where a >= b. */
+static inline vi count_at_least(vi count, vf a, vf b) {
+#if LANES == 16
+    __mmask16 at_least = _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+    return (vi)_mm512_mask_add_epi32((__m512i)count, at_least, (__m512i)count,
+                                     _mm512_set1_epi32(1));
+#else
+    return count - (a >= b);
 #endif
 }
 
-/* 2^t for t in [-126, 126] (clamped), relative error below 2e-7: t = k + r, |r| <= 1/2, and a
- * degree-5 polynomial fitted to 2^r; k goes into the exponent bits. */
-static inline v8f exp2_unclamped(v8f t) {
-    const v8f shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8f shifted = t + shifter;
-    v8f k = shifted - shifter;
-    v8f r = t - k;
-    v8f p = splat(0.0013276470f);
+/* sum + v in the lanes outside bits. */
+static inline vf add_outside(vf sum, vf v, lane_bits bits) {
+#if LANES == 16
+    return (vf)_mm512_mask_add_ps((__m512)sum, (__mmask16)~bits, (__m512)sum, (__m512)v);
+#else
+    return sum + zero_lanes(v, bits);
+#endif
+}
+
+/* Lanes of v whose column (first + lane) is past the catalogue set to `fill`. */
+static inline vf fill_padding(vf v, int first, int n_items, float fill) {
+    for (int lane = 0; lane < LANES; ++lane)
+        if (first + lane >= n_items) v[lane] = fill;
+    return v;
+}
+
+/* 2^r for |r| <= 1/2, relative error below 2e-7 (a degree-5 fit). */
+static inline vf exp2_reduced(vf r) {
+    vf p = splat(0.0013276470f);
     p = p * r + splat(0.0096755410f);
     p = p * r + splat(0.0555071346f);
     p = p * r + splat(0.2402212024f);
     p = p * r + splat(0.6931469440f);
-    p = p * r + splat(1.0000001192f);
-    /* k sits in the low mantissa bits of shifted; the shift drops the shifter's own bits */
-    v8i exponent = (v8i)shifted << 23;
-    return (v8f)((v8i)p + exponent);
+    return p * r + splat(1.0000001192f);
 }
 
-static inline v8f exp2_approx(v8f t) {
+/* 2^t for t in [-126, 126]: t = k + r with k an integer, k goes into the exponent. */
+static inline vf exp2_unclamped(vf t) {
+#if LANES == 16
+    __m512 k = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp2_reduced(t - (vf)k), k);
+#else
+    const vf shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf shifted = t + shifter;
+    vf k = shifted - shifter;
+    /* k sits in the low mantissa bits of shifted; the shift drops the shifter's own bits */
+    return (vf)((vi)exp2_reduced(t - k) + ((vi)shifted << 23));
+#endif
+}
+
+static inline vf exp2_clamped(vf t) {
     return exp2_unclamped(vmin(vmax(t, splat(-126.0f)), splat(126.0f)));
 }
 
@@ -96,19 +151,21 @@ static const double TANH_SERIES[5] = {0.9999999868717725, -0.3333306939324604,
 
 typedef struct {
     float cap;
-    float fast_limit;  /* |x| up to which the polynomial form of the logit holds */
-    v8f series[5];     /* log2(e) * TANH_SERIES[k] / cap^(2k): log2 weight = x * P(x^2) */
-    v8f to_exp2_arg;   /* 2 log2(e) / cap */
-    v8f cap_v, two_cap, log2e;
+    float fast_limit;   /* |x| up to which the polynomial form of the logit holds */
+    vf weight_series[5]; /* log2(e) * TANH_SERIES[k] / cap^(2k): log2 weight = x * P(x^2) */
+    vf logit_series[5];  /* TANH_SERIES[k] / cap^(2k): logit = x * P(x^2) */
+    vf to_exp2_arg;      /* 2 log2(e) / cap */
+    vf cap_v, two_cap, log2e;
 } Transform;
 
 static void transform_init(Transform *tf, float cap) {
-    double scale = 1.4426950408889634; /* log2(e) */
+    double scale = 1.0;
     tf->cap = cap;
     /* there the log2 weight stays within log2(e) cap tanh(1/2) < 126: no clamping needed */
     tf->fast_limit = cap < 150.0f ? 0.5f * cap : 0.0f;
     for (int k = 0; k < 5; ++k) {
-        tf->series[k] = splat((float)(scale * TANH_SERIES[k]));
+        tf->weight_series[k] = splat((float)(1.4426950408889634 * TANH_SERIES[k] * scale));
+        tf->logit_series[k] = splat((float)(TANH_SERIES[k] * scale));
         scale /= (double)cap * (double)cap;
     }
     tf->to_exp2_arg = splat((float)(2.0 * 1.4426950408889634 / cap));
@@ -117,90 +174,112 @@ static void transform_init(Transform *tf, float cap) {
     tf->log2e = splat(1.4426950408889634f);
 }
 
-/* Raw dot products of `rows` (<= ROWS) users with all width services: out is ROWS x width. */
+static inline vf odd_series(const vf *series, vf x) {
+    vf z = x * x;
+    vf p = series[4];
+    p = p * z + series[3];
+    p = p * z + series[2];
+    p = p * z + series[1];
+    p = p * z + series[0];
+    return x * p;
+}
+
+/* exp(cap * tanh(x / cap)) by the series (fast: every |x| <= fast_limit) or through exp. */
+static inline vf weights(const Transform *tf, vf x, int fast) {
+    if (fast) return exp2_unclamped(odd_series(tf->weight_series, x));
+    vf e = exp2_clamped(x * tf->to_exp2_arg); /* exp(2x / cap) */
+    vf logit = tf->cap_v - tf->two_cap / (e + splat(1.0f));
+    return exp2_clamped(logit * tf->log2e);
+}
+
+/* Raw dot products x (ROWS x width) of `rows` (<= ROWS) users with all width services, and
+ * each row's block maxima (ROWS x blocks); columns past the catalogue hold -inf. */
 static void dot_rows(const float *users, int rows, int dim, const float *items_t, int width,
-                     float *out) {
-    float u[ROWS * 64];
-    float *heap = NULL;
-    float *user = u;
-    if (dim > 64) {
-        heap = malloc(sizeof(float) * ROWS * (size_t)dim);
-        user = heap;
-    }
+                     int n_items, float *x, float *block_max) {
+    float user[ROWS * MAX_DIM];
     for (int r = 0; r < ROWS; ++r)
         for (int d = 0; d < dim; ++d) user[r * dim + d] = r < rows ? users[r * dim + d] : 0.0f;
+    const int blocks = width / BLOCK;
 
-    for (int c = 0; c < width; c += 2 * LANES) {
-        v8f acc[ROWS][2];
-        for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = splat(0.0f);
-        const float *v = items_t + c;
-        for (int d = 0; d < dim; ++d, v += width) {
-            v8f v0 = load8(v), v1 = load8(v + LANES);
-            for (int r = 0; r < ROWS; ++r) {
-                float ud = user[r * dim + d];
-                acc[r][0] += ud * v0;
-                acc[r][1] += ud * v1;
+    for (int b = 0; b < blocks; b += LANES) {
+        vf top[ROWS];
+        for (int r = 0; r < ROWS; ++r) top[r] = splat(-INFINITY);
+        for (int k = 0; k < BLOCK; k += SPAN) {
+            vf acc[ROWS][SPAN];
+            for (int r = 0; r < ROWS; ++r)
+                for (int s = 0; s < SPAN; ++s) acc[r][s] = splat(0.0f);
+            const float *v = items_t + k * blocks + b;
+            for (int d = 0; d < dim; ++d, v += width) {
+                vf service[SPAN];
+                for (int s = 0; s < SPAN; ++s) service[s] = load(v + s * blocks);
+                for (int r = 0; r < ROWS; ++r) {
+                    vf ud = splat(user[r * dim + d]);
+                    for (int s = 0; s < SPAN; ++s) acc[r][s] += ud * service[s];
+                }
+            }
+            for (int s = 0; s < SPAN; ++s) {
+                int first = (k + s) * blocks + b;
+                for (int r = 0; r < ROWS; ++r) {
+                    vf value = acc[r][s];
+                    if (first + LANES > n_items)
+                        value = fill_padding(value, first, n_items, -INFINITY);
+                    store(x + r * width + first, value);
+                    top[r] = vmax(top[r], value);
+                }
             }
         }
-        for (int r = 0; r < ROWS; ++r) {
-            store8(out + r * width + c, acc[r][0]);
-            store8(out + r * width + c + LANES, acc[r][1]);
-        }
+        for (int r = 0; r < ROWS; ++r) store(block_max + r * blocks + b, top[r]);
     }
-    free(heap);
 }
 
 /* Does candidate (x, j) rank above (y, i)? Larger dot product first, then lower column. */
 static inline int beats(float x, int j, float y, int i) { return x > y || (x == y && j < i); }
 
 typedef struct {
+    Transform tf;
     int n, n_items, width, blocks;
     double user_norm, max_item_norm;
-    Transform tf;
     /* per row */
     float *x, *w, *block_max;
     double *tail;
-    float cand_x[MAX_N], cand_score[MAX_N];
-    float found_x[FOUND + LANES] __attribute__((aligned(32)));
-    int found_j[FOUND + LANES] __attribute__((aligned(32)));
-    int cand_index[MAX_N];
+    float cand_x[MAX_N + 1], cand_score[MAX_N + LANES]; /* + 1: a scratch slot */
+    float found_x[FOUND + 2 * LANES] __attribute__((aligned(64)));
+    int found_j[FOUND + 2 * LANES] __attribute__((aligned(64)));
+    int cand_index[MAX_N + 1];
     double cand_weight[MAX_N];
 } Row;
 
 /* A value no larger than the row's n-th largest dot product, from the block maxima: the
- * n-th largest of each lane's ceil(n / 8) best maxima, which are distinct services. */
+ * n-th largest of each lane's ceil(n / LANES) + 1 best maxima, which are distinct services
+ * (one more than needed makes the bound tighter, so fewer services pass it). */
 static float threshold_of(const Row *row) {
-    int per_lane = (row->n + LANES - 1) / LANES;
+    int per_lane = (row->n + LANES - 1) / LANES + 1;
+    if (row->blocks < LANES * per_lane) --per_lane;
     if (row->blocks < LANES * per_lane || per_lane > 8) return -INFINITY;
-    v8f top[8];
+    vf top[8];
     for (int k = 0; k < per_lane; ++k) top[k] = splat(-INFINITY);
     for (int b = 0; b < row->blocks; b += LANES) {
-        v8f value = load8(row->block_max + b);
+        vf value = load(row->block_max + b);
         for (int k = 0; k < per_lane; ++k) {
-            v8f higher = vmax(top[k], value);
+            vf higher = vmax(top[k], value);
             value = vmin(top[k], value);
             top[k] = higher;
         }
     }
-    float best = -INFINITY;
-    for (int k = 0; k < per_lane; ++k)
-        for (int lane = 0; lane < LANES; ++lane) {
-            v8f value = splat(top[k][lane]);
-            v8i at_least = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int other = 0; other < per_lane; ++other) at_least -= top[other] >= value;
-            int count = 0;
-            for (int i = 0; i < LANES; ++i) count += at_least[i];
-            if (count >= row->n && top[k][lane] > best) best = top[k][lane];
-        }
-    return best;
-}
-
-/* cap * tanh(x / cap) to float precision: the odd series near 0, tanhf beyond. */
-static inline float logit_of(const Transform *tf, float x) {
-    if (x < -tf->fast_limit || x > tf->fast_limit) return tf->cap * tanhf(x / tf->cap);
-    double y = (double)x / tf->cap, z = y * y, p = TANH_SERIES[4];
-    for (int k = 3; k >= 0; --k) p = p * z + TANH_SERIES[k];
-    return (float)(tf->cap * y * p);
+    float values[8 * LANES] __attribute__((aligned(64)));
+    for (int k = 0; k < per_lane; ++k) store(values + k * LANES, top[k]);
+    vf best = splat(-INFINITY);
+    for (int k = 0; k < per_lane; ++k) {
+        vi at_least = {0}; /* how many of the values are >= each lane's */
+        for (int other = 0; other < per_lane * LANES; ++other)
+            at_least = count_at_least(at_least, splat(values[other]), top[k]);
+        vi enough = at_least >= (vi){0} + row->n;
+        best = vmax(best, (vf)(((vi)top[k] & enough) | ((vi)splat(-INFINITY) & ~enough)));
+    }
+    float threshold = best[0];
+    for (int lane = 1; lane < LANES; ++lane)
+        threshold = best[lane] > threshold ? best[lane] : threshold;
+    return threshold;
 }
 
 /* Keep (value, column) among the row's n best so far (sorted, best first). */
@@ -217,54 +296,60 @@ static inline void offer(Row *row, int *count, float value, int column) {
     row->cand_index[at] = column;
 }
 
-/* Where lanes of v at columns j.. are >= limit, append them to the row's found services. */
-static inline int find(Row *row, int found, v8f v, v8f limit, int j) {
-    unsigned bits = lanes_at_least(v, limit);
+/* Appends the lanes in bits of v, columns first + lane, at row->found_*[found...]. */
+static inline void append_found(Row *row, int found, lane_bits bits, vf v, int first) {
+#if LANES == 16
+    /* Whole vectors, packed in registers: no branch per service (they are unpredictable). */
+    const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                 13, 14, 15);
+    __m512i column = _mm512_add_epi32(lane_index, _mm512_set1_epi32(first));
+    _mm512_storeu_ps(row->found_x + found, _mm512_maskz_compress_ps(bits, (__m512)v));
+    _mm512_storeu_si512(row->found_j + found, _mm512_maskz_compress_epi32(bits, column));
+#else
     while (bits) {
         int lane = __builtin_ctz(bits);
         bits &= bits - 1;
-        if (found < FOUND) {
-            row->found_x[found] = v[lane];
-            row->found_j[found] = j + lane;
-        }
-        ++found;
+        row->found_x[found] = v[lane];
+        row->found_j[found++] = first + lane;
     }
-    return found;
+#endif
 }
 
-/* Softmax weights exp(cap * tanh(x / cap)) of the row's dot products into row->w, and the
- * services with x >= limit into row->found_*; returns how many those are. */
-static int weigh_and_find(Row *row, int fast, v8f limit) {
+/* Every weight of the row into row->w (0 past the catalogue), the summed weights of the
+ * services below `limit` per block into row->tail, and the services at or above it into
+ * row->found_*; returns how many those are. */
+static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const int fast) {
     const Transform *tf = &row->tf;
+    const int blocks = row->blocks, n_items = row->n_items;
     const float *x = row->x;
     float *w = row->w;
     int found = 0;
-    if (fast) {
-        for (int j = 0; j < row->width; j += LANES) {
-            v8f v = load8(x + j);
-            v8f z = v * v;
-            v8f p = tf->series[4];
-            p = p * z + tf->series[3];
-            p = p * z + tf->series[2];
-            p = p * z + tf->series[1];
-            p = p * z + tf->series[0];
-            store8(w + j, exp2_unclamped(v * p));
-            found = find(row, found, v, limit, j);
+    for (int b = 0; b < blocks; b += LANES) {
+        vf below = splat(0.0f);
+        for (int k = 0; k < BLOCK; ++k) {
+            int first = k * blocks + b;
+            vf v = load(x + first);
+            vf weight = weights(tf, v, fast);
+            if (first + LANES > n_items) weight = fill_padding(weight, first, n_items, 0.0f);
+            store(w + first, weight);
+            lane_bits bits = lanes_at_least(v, limit);
+            below = add_outside(below, weight, bits);
+            if (bits && found <= FOUND) append_found(row, found, bits, v, first);
+            found += __builtin_popcount(bits);
         }
-        return found;
-    }
-    for (int j = 0; j < row->width; j += LANES) {
-        v8f v = load8(x + j);
-        v8f e = exp2_approx(v * tf->to_exp2_arg); /* exp(2x / cap) */
-        v8f logit = tf->cap_v - tf->two_cap / (e + splat(1.0f));
-        store8(w + j, exp2_approx(logit * tf->log2e));
-        found = find(row, found, v, limit, j);
+        for (int lane = 0; lane < LANES; ++lane) row->tail[b + lane] = (double)below[lane];
     }
     return found;
 }
 
+/* The block of column j: j mod blocks (a mask where blocks is a power of 2). */
+static inline int block_of(const Row *row, int j) {
+    return row->blocks & (row->blocks - 1) ? j % row->blocks : j & (row->blocks - 1);
+}
+
 /* The n best of the `found` services above the threshold, by counting for each how many
- * others beat it: no branches on the data, unlike an insertion sort. */
+ * others beat it (no branches on the data, unlike an insertion sort); the weights of the
+ * others go back into their blocks' tail masses. */
 static void rank_found(Row *row, int found) {
     float *found_x = row->found_x;
     int *found_j = row->found_j;
@@ -273,91 +358,95 @@ static void rank_found(Row *row, int found) {
         found_x[i] = -INFINITY;
         found_j[i] = INT32_MAX;
     }
-    for (int i = 0; i < found; ++i) {
-        v8f xi = splat(found_x[i]);
-        v8i ji = {found_j[i], found_j[i], found_j[i], found_j[i],
-                  found_j[i], found_j[i], found_j[i], found_j[i]};
-        v8i above = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int k = 0; k < padded; k += LANES) {
-            v8f xk = load8(found_x + k);
-            v8i jk = *(const v8i *)(found_j + k);
+    int32_t rank[FOUND + 2 * LANES] __attribute__((aligned(64)));
+    for (int i = 0; i < padded; i += LANES) {
+        vf xi = load(found_x + i);
+        vi ji = *(const vi *)(found_j + i);
+        vi above = {0};
+        for (int k = 0; k < found; ++k) {
+            vf xk = splat(found_x[k]);
+            vi jk = (vi){0} + found_j[k];
             above -= (xk > xi) | ((xk == xi) & (jk < ji));
         }
-        int rank = 0;
-        for (int lane = 0; lane < LANES; ++lane) rank += above[lane];
-        if (rank < row->n) {
-            row->cand_x[rank] = found_x[i];
-            row->cand_index[rank] = found_j[i];
-        }
+        *(vi *)(rank + i) = above;
     }
+    const int n = row->n;
+    for (int i = 0; i < found; ++i) { /* branch-free: slot n takes what is no candidate */
+        int candidate = rank[i] < n, slot = candidate ? rank[i] : n;
+        row->cand_x[slot] = found_x[i];
+        row->cand_index[slot] = found_j[i];
+        row->tail[block_of(row, found_j[i])] += candidate ? 0.0 : (double)row->w[found_j[i]];
+    }
+}
+
+/* Whether every dot product of the row lies where the series form of the logit holds. */
+static int series_holds(const Row *row) {
+    const float limit = row->tf.fast_limit;
+    /* |u . v| <= |u| max |v|: most rows need no pass to know it. */
+    if (row->user_norm * row->max_item_norm <= 0.999 * limit) return 1;
+    vf high = splat(-INFINITY), low = splat(INFINITY);
+    for (int b = 0; b < row->blocks; b += LANES) high = vmax(high, load(row->block_max + b));
+    int j = 0;
+    for (; j + LANES <= row->n_items; j += LANES) low = vmin(low, load(row->x + j));
+    int holds = 1;
+    for (; j < row->n_items; ++j) holds &= row->x[j] >= -limit;
+    for (int lane = 0; lane < LANES; ++lane) holds &= low[lane] >= -limit && high[lane] <= limit;
+    return holds;
 }
 
 /* The row's candidates (x, index, score, weight, best first) and tail masses; leaves the
  * weights of the other services in row->w (candidates and padding zeroed). */
 static void summarise_row(Row *row) {
-    const int n = row->n, n_items = row->n_items, width = row->width, blocks = row->blocks;
-    float *x = row->x;
-    /* |u . v| <= |u| max |v|: most rows need no pass to know the polynomial form holds. */
-    int fast = row->user_norm * row->max_item_norm <= 0.999 * row->tf.fast_limit;
-    if (!fast) {
-        v8f low = splat(INFINITY), high = splat(-INFINITY);
-        for (int j = 0; j < width; j += LANES) { /* padding holds 0: harmless here */
-            v8f v = load8(x + j);
-            low = vmin(low, v);
-            high = vmax(high, v);
-        }
-        fast = 1;
-        for (int lane = 0; lane < LANES; ++lane)
-            fast &= low[lane] >= -row->tf.fast_limit && high[lane] <= row->tf.fast_limit;
-    }
-    for (int j = n_items; j < width; ++j) x[j] = -INFINITY;
-
-    float *block_max = row->block_max;
-    for (int b = 0; b < blocks; b += LANES) {
-        v8f top = load8(x + b);
-        for (int k = 1; k < BLOCK; ++k) top = vmax(top, load8(x + k * blocks + b));
-        store8(block_max + b, top);
-    }
+    const int n = row->n;
+    int fast = series_holds(row);
 
     /* Every one of the n best is >= threshold; padding (-inf) never is. */
     float threshold = threshold_of(row);
     if (threshold < -FLT_MAX) threshold = -FLT_MAX;
-    v8f limit = splat(threshold);
-    int found = weigh_and_find(row, fast, limit);
+    vf limit = splat(threshold);
+    int found = fast ? weigh(row, limit, 1) : weigh(row, limit, 0);
     if (found <= FOUND) {
         rank_found(row, found);
-    } else { /* many ties or a loose threshold: keep a running top n instead */
+    } else { /* many ties or a loose threshold: keep a running top n */
         int count = 0;
-        for (int j = 0; j < n_items; ++j)
-            if (x[j] >= threshold) offer(row, &count, x[j], j);
+        for (int j = 0; j < row->n_items; ++j)
+            if (row->x[j] >= threshold) offer(row, &count, row->x[j], j);
     }
-
-    float cand_score[MAX_N + LANES], cand_weight[MAX_N + LANES];
-    for (int i = 0; i < n; ++i) cand_score[i] = logit_of(&row->tf, row->cand_x[i]);
-    for (int i = n; i < n + LANES; ++i) cand_score[i] = 0.0f;
-    for (int i = 0; i < n; i += LANES)
-        store8(cand_weight + i, exp2_approx(load8(cand_score + i) * row->tf.log2e));
     for (int i = 0; i < n; ++i) {
-        row->cand_score[i] = cand_score[i];
-        row->cand_weight[i] = (double)cand_weight[i];
+        row->cand_weight[i] = (double)row->w[row->cand_index[i]];
+        row->w[row->cand_index[i]] = 0.0f;
     }
+    if (found > FOUND) /* the tails left out every service above the threshold */
+        for (int b = 0; b < row->blocks; ++b) {
+            double sum = 0.0;
+            for (int k = 0; k < BLOCK; ++k) sum += row->w[k * row->blocks + b];
+            row->tail[b] = sum;
+        }
 
-    float *w = row->w;
-    for (int j = n_items; j < width; ++j) w[j] = 0.0f;
-    for (int i = 0; i < n; ++i) w[row->cand_index[i]] = 0.0f;
-
-    for (int b = 0; b < blocks; b += LANES) {
-        v8f sum = load8(w + b);
-        for (int k = 1; k < BLOCK; ++k) sum += load8(w + k * blocks + b);
-        for (int lane = 0; lane < LANES; ++lane) row->tail[b + lane] = (double)sum[lane];
+    if (!fast) { /* rare: tanhf is exact to float rounding where the exp form is not */
+        for (int i = 0; i < n; ++i)
+            row->cand_score[i] = row->tf.cap * tanhf(row->cand_x[i] / row->tf.cap);
+        return;
     }
+    float cand_x[MAX_N + LANES];
+    memcpy(cand_x, row->cand_x, sizeof(float) * (size_t)n);
+    for (int i = n; i < n + LANES; ++i) cand_x[i] = 0.0f;
+    for (int i = 0; i < n; i += LANES)
+        store(row->cand_score + i, odd_series(row->tf.logit_series, load(cand_x + i)));
+}
+
+typedef double vd __attribute__((vector_size(64)));
+typedef double vd_unaligned __attribute__((vector_size(64), aligned(8)));
+
+/* Sum of 16 numbers as a tree: a short chain of dependent additions. */
+static inline double sum16(const double *values) {
+    vd a = *(const vd_unaligned *)values + *(const vd_unaligned *)(values + 8);
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
 /* First position whose running sum of mass exceeds target (clamped to the last), as
- * rec.topn._draw does on the cumulative sums. */
-static int draw(const double *mass, int size, double target) {
-    double total = 0.0;
-    for (int i = 0; i < size; ++i) total += mass[i];
+ * rec.topn._draw does on the cumulative sums; total is the sum of mass. */
+static int draw_within(const double *mass, int size, double target, double total) {
     double limit = total * (1.0 - 1e-12);
     if (target > limit) target = limit;
     double running = 0.0;
@@ -368,7 +457,18 @@ static int draw(const double *mass, int size, double target) {
     return size - 1;
 }
 
-/* Sum of size (a multiple of 8) numbers, in 8 interleaved partial sums. */
+/* draw_within, the total summed here. */
+static int draw(const double *mass, int size, double target) {
+    double part[4] = {0.0, 0.0, 0.0, 0.0}; /* four chains: the sum is not one long one */
+    int i = 0;
+    for (; i + 4 <= size; i += 4)
+        for (int k = 0; k < 4; ++k) part[k] += mass[i + k];
+    double total = (part[0] + part[1]) + (part[2] + part[3]);
+    for (; i < size; ++i) total += mass[i];
+    return draw_within(mass, size, target, total);
+}
+
+/* Sum of size (a multiple of LANES) numbers, in LANES interleaved partial sums. */
 static double sum_of(const double *values, int size) {
     double part[LANES] = {0};
     for (int i = 0; i < size; i += LANES)
@@ -378,7 +478,7 @@ static double sum_of(const double *values, int size) {
     return total;
 }
 
-/* draw() over the tail blocks, whose total is known, in chunks of 8; also returns the mass
+/* draw() over the tail blocks, whose total is known, in chunks of 16; also returns the mass
  * before the chosen block. */
 static int draw_block(const double *mass, int size, double target, double total,
                       double *before) {
@@ -386,9 +486,8 @@ static int draw_block(const double *mass, int size, double target, double total,
     if (target > limit) target = limit;
     double running = 0.0;
     int i = 0;
-    for (; i + LANES < size; i += LANES) {
-        double chunk = 0.0;
-        for (int lane = 0; lane < LANES; ++lane) chunk += mass[i + lane];
+    for (; i + 16 < size; i += 16) {
+        double chunk = sum16(mass + i);
         if (running + chunk > target) break;
         running += chunk;
     }
@@ -436,16 +535,14 @@ static void select_row(Row *row, double exploration, const double *uniform, int3
                     fraction = (inside - before) / mass;
                     fraction = fraction < 0.0 ? 0.0 : (fraction > 1.0 ? 1.0 : fraction);
                 }
-                double weight[BLOCK], sum = 0.0;
-                for (int k = 0; k < BLOCK; ++k) {
-                    weight[k] = (double)row->w[block + k * blocks];
-                    sum += weight[k];
-                }
-                int k = draw(weight, BLOCK, fraction * sum);
+                double weight[BLOCK];
+                for (int k = 0; k < BLOCK; ++k) weight[k] = (double)row->w[block + k * blocks];
+                double sum = sum16(weight);
+                int k = draw_within(weight, BLOCK, fraction * sum, sum);
                 int column = block + k * blocks;
-                double picked = weight[k], rest = 0.0;
+                double picked = weight[k];
                 weight[k] = 0.0;
-                for (int i = 0; i < BLOCK; ++i) rest += weight[i];
+                double rest = sum16(weight);
                 row->w[column] = 0.0f;
                 row->tail[block] = rest;
                 tail_mass = sum_of(row->tail, blocks);
@@ -477,13 +574,15 @@ typedef void (*RowSink)(Row *row, int64_t user, void *context);
 static int for_each_row(const float *users, int64_t n_users, int dim, const float *items_t,
                         int width, int n_items, float cap, int n, RowSink sink,
                         void *context) {
-    if (n < 1 || n > MAX_N || n > n_items || n_items > width || width % (BLOCK * LANES))
+    if (n < 1 || n > MAX_N || n > n_items || n_items > width || width % (BLOCK * BLOCK) ||
+        dim < 1 || dim > MAX_DIM)
         return -1;
+    const int blocks = width / BLOCK;
     Row *row = aligned_alloc(64, (sizeof(Row) + 63) / 64 * 64); /* holds vectors */
     float *x = aligned_alloc(64, sizeof(float) * ROWS * (size_t)width);
     float *w = aligned_alloc(64, sizeof(float) * (size_t)width);
-    float *block_max = malloc(sizeof(float) * (size_t)width / BLOCK);
-    double *tail = malloc(sizeof(double) * (size_t)width / BLOCK);
+    float *block_max = aligned_alloc(64, sizeof(float) * ROWS * (size_t)blocks);
+    double *tail = aligned_alloc(64, sizeof(double) * (size_t)blocks);
     int status = 0;
     if (!row || !x || !w || !block_max || !tail) {
         status = -2;
@@ -492,10 +591,9 @@ static int for_each_row(const float *users, int64_t n_users, int dim, const floa
     row->n = n;
     row->n_items = n_items;
     row->width = width;
-    row->blocks = width / BLOCK;
+    row->blocks = blocks;
     transform_init(&row->tf, cap);
     row->w = w;
-    row->block_max = block_max;
     row->tail = tail;
     row->max_item_norm = 0.0;
     for (int j = 0; j < n_items; ++j) {
@@ -507,9 +605,10 @@ static int for_each_row(const float *users, int64_t n_users, int dim, const floa
 
     for (int64_t start = 0; start < n_users; start += ROWS) {
         int rows = n_users - start < ROWS ? (int)(n_users - start) : ROWS;
-        dot_rows(users + start * dim, rows, dim, items_t, width, x);
+        dot_rows(users + start * dim, rows, dim, items_t, width, n_items, x, block_max);
         for (int r = 0; r < rows; ++r) {
             row->x = x + (size_t)r * width;
+            row->block_max = block_max + (size_t)r * blocks;
             const float *user = users + (start + r) * dim;
             double norm = 0.0;
             for (int d = 0; d < dim; ++d) norm += (double)user[d] * user[d];
@@ -575,4 +674,88 @@ int rec_rank(const float *users, int64_t n_users, int dim, const float *items_t,
              int32_t *index, float *score, float *propensity) {
     SlateOut out = {exploration, uniform, index, score, propensity};
     return for_each_row(users, n_users, dim, items_t, width, n_items, cap, n, fill_slate, &out);
+}
+
+/* tanh to about 1e-7 absolute (not relative: near 0 the form below cancels, harmless for
+ * hidden units): 1 - 2 / (e^2|y| + 1) with the sign of y. */
+static inline vf tanh_v(vf y) {
+    const vi sign_bit = (vi){0} + (int32_t)0x80000000u;
+    vf magnitude = (vf)((vi)y & ~sign_bit);
+    vf e = exp2_unclamped(vmin(magnitude, splat(40.0f)) * splat(2.0f * 1.4426950408889634f));
+    return (vf)((vi)(splat(1.0f) - splat(2.0f) / (e + splat(1.0f))) | ((vi)y & sign_bit));
+}
+
+#define TOWER_ROWS 6
+
+/* Outputs o.. o + span * LANES of `dense`, the partial sums of all rows in registers. */
+static inline __attribute__((always_inline)) void dense_tile(
+        const float *in, int in_dim, const float *weight_t, const float *bias, int out_dim,
+        int squash, float *out, int o, const int span) {
+    vf acc[TOWER_ROWS][4];
+    for (int r = 0; r < TOWER_ROWS; ++r)
+        for (int s = 0; s < span; ++s) acc[r][s] = load(bias + o + s * LANES);
+    for (int i = 0; i < in_dim; ++i) {
+        vf column[4];
+        for (int s = 0; s < span; ++s)
+            column[s] = load(weight_t + (size_t)i * out_dim + o + s * LANES);
+        for (int r = 0; r < TOWER_ROWS; ++r) {
+            vf value = splat(in[r * in_dim + i]);
+            for (int s = 0; s < span; ++s) acc[r][s] += value * column[s];
+        }
+    }
+    for (int r = 0; r < TOWER_ROWS; ++r)
+        for (int s = 0; s < span; ++s)
+            store(out + r * out_dim + o + s * LANES, squash ? tanh_v(acc[r][s]) : acc[r][s]);
+}
+
+/* out (rows x out_dim) = in (rows x in_dim) @ weight_t (in_dim x out_dim) + bias, tanh'd
+ * when squash; out_dim is a multiple of LANES. */
+static void dense(const float *in, int in_dim, const float *weight_t, const float *bias,
+                  int out_dim, int squash, float *out) {
+    int o = 0;
+    for (; o + 4 * LANES <= out_dim; o += 4 * LANES)
+        dense_tile(in, in_dim, weight_t, bias, out_dim, squash, out, o, 4);
+    for (; o < out_dim; o += LANES)
+        dense_tile(in, in_dim, weight_t, bias, out_dim, squash, out, o, 1);
+}
+
+/* A tanh MLP on every user: layer k maps sizes[k] to sizes[k + 1] features with weight_t[k]
+ * (sizes[k] x sizes[k + 1], transposed) and bias[k], tanh between layers, none after the
+ * last. Sizes past the first are multiples of 16 (zero-padded units); at most 1024. out is
+ * n_users x out_stride: the first out_dim outputs, then a 1 when out_stride > out_dim.
+ * Returns 0, or -1 for bad sizes, -2 without memory. */
+int rec_user_factors(const float *features, int64_t n_users, int n_layers, const int *sizes,
+                     const float *const *weight_t, const float *const *bias, int out_dim,
+                     int out_stride, float *out) {
+    if (n_layers < 1 || n_layers > 8 || out_dim > sizes[n_layers] || out_stride < out_dim ||
+        out_stride > out_dim + 1)
+        return -1;
+    for (int k = 0; k <= n_layers; ++k)
+        if (sizes[k] < 1 || sizes[k] > 1024 || (k > 0 && sizes[k] % BLOCK)) return -1;
+    float *buffer[2] = {aligned_alloc(64, sizeof(float) * TOWER_ROWS * 1024),
+                        aligned_alloc(64, sizeof(float) * TOWER_ROWS * 1024)};
+    if (!buffer[0] || !buffer[1]) {
+        free(buffer[0]);
+        free(buffer[1]);
+        return -2;
+    }
+    for (int64_t start = 0; start < n_users; start += TOWER_ROWS) {
+        int rows = n_users - start < TOWER_ROWS ? (int)(n_users - start) : TOWER_ROWS;
+        float *in = buffer[0];
+        memset(in, 0, sizeof(float) * TOWER_ROWS * (size_t)sizes[0]);
+        memcpy(in, features + start * sizes[0], sizeof(float) * (size_t)(rows * sizes[0]));
+        for (int k = 0; k < n_layers; ++k) {
+            float *next = buffer[(k + 1) % 2];
+            dense(in, sizes[k], weight_t[k], bias[k], sizes[k + 1], k + 1 < n_layers, next);
+            in = next;
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *user = out + (start + r) * out_stride;
+            memcpy(user, in + r * sizes[n_layers], sizeof(float) * (size_t)out_dim);
+            if (out_stride > out_dim) user[out_dim] = 1.0f;
+        }
+    }
+    free(buffer[0]);
+    free(buffer[1]);
+    return 0;
 }
