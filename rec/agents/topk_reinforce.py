@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,6 +88,9 @@ class TopKReinforceArgs:
     """Gradient clipping threshold."""
     eval_episodes: int = 2000
     """Episodes of the final greedy evaluation (on a seed of its own)."""
+    warm_temperature: float = 1.0
+    """A continued policy's logits are divided by this before training (greedy slates
+    unchanged; above 1, sampling explores more, as a day-1 policy needs after a drift)."""
     validation_episodes: int = 1000
     """Greedy episodes that score the policy after each batch (0: keep the last policy)."""
     validate_from: float = 0.3
@@ -204,6 +208,13 @@ def train_topk_reinforce(
     continuing = policy is not None
     if policy is None:
         policy = CandidateSoftmaxPolicy(env.config.n_topics, args.hidden_dim)
+    elif args.warm_temperature != 1.0:
+        # Soften a continued policy: its logits are divided by the temperature, so its
+        # greedy slates stay the same while its sampled slates explore again.
+        with torch.no_grad():
+            for head in (policy.policy_head, policy.behaviour_head):
+                head.weight /= args.warm_temperature
+                head.bias /= args.warm_temperature
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic = BudgetCritic(env.config.n_topics, args.hidden_dim)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
@@ -226,6 +237,7 @@ def train_topk_reinforce(
                              config=config)["return"]
 
     steps_done, curve_steps, curve_returns, curve_greedy = 0, [], [], []
+    per_episode = 0.0
     best_return, best_state = float("-inf"), copy.deepcopy(policy.state_dict())
     start_greedy = float("nan")
     if continuing and args.validation_episodes and args.validate_from == 0.0:
@@ -241,7 +253,15 @@ def train_topk_reinforce(
             remaining if args.anneal_lr else 1.0)
         entropy_coef = args.entropy_coef * (remaining if args.anneal_entropy else 1.0)
         policy.eval()
-        rollout = play_rollout(env, args.episodes_per_batch, choose)
+        # The last batch plays only the episodes the budget has room for at the previous
+        # batch's episode length, so a run stops near its budget rather than up to a whole
+        # batch past it.
+        episodes = args.episodes_per_batch
+        if per_episode:
+            room = math.floor((args.total_steps - steps_done) / per_episode)
+            episodes = max(1, min(episodes, room))
+        rollout = play_rollout(env, episodes, choose)
+        per_episode = rollout.user_steps / episodes
         advantages = critic_advantages(critic, critic_optimizer, rollout, args.gamma,
                                        args.td_lambda, args.epochs, args.minibatch)
         alive_rows = rollout.alive.flatten().nonzero().squeeze(1)
