@@ -146,27 +146,9 @@ def off_policy(policy: SlatePolicy, slates, items, choice_model, exploration: fl
     keep = torch.isfinite(propensity) & (propensity > 0)
     if not keep.any():
         return {"rows": 0}
-    states, item = slates.states, slates.item[keep]
-    position, state = slates.position[keep], slates.state[keep]
-    n_topics = choice_model.config["n_topics"]
-    features = user_feature_matrix(states.interest, states.strength, states.signup)
-    item_features = item_feature_matrix(items.topic, items.numeric, n_topics)
-    scores = policy.score(features, item_features)[state]
-    ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
-    softmax = torch.softmax(scores, dim=1)
-    greedy = (ranks == position.unsqueeze(1)).float()
-    dist = (1.0 - exploration) * greedy + exploration * softmax
-
-    utility = choice_model.all_item_utilities(
-        states.interest, states.strength, states.signup, items.topic, items.numeric)[state]
-    last = choice_model.config["n_positions"] - 1
-    utility = utility + choice_model.position_bias[position.clamp(max=last)].unsqueeze(1)
-    click = torch.sigmoid(utility)
-
-    rows = torch.arange(len(item))
-    p_logged = dist[rows, item].clamp(1e-12, 1.0)
-    q_logged = click[rows, item]
-    direct = (dist * click).sum(dim=1)
+    item, position, state = slates.item[keep], slates.position[keep], slates.state[keep]
+    p_logged, q_logged, direct = _evaluation_terms(
+        policy, slates.states, items, choice_model, item, position, state, exploration)
     # Two pseudo-actions per row, the logged service and all the others, carry exactly the
     # probabilities and the direct-method sum DR needs, without an (N, S, P) table.
     q_other = (direct - p_logged * q_logged) / (1.0 - p_logged).clamp(min=1e-12)
@@ -178,6 +160,56 @@ def off_policy(policy: SlatePolicy, slates, items, choice_model, exploration: fl
         pscore=propensity[keep].double().numpy())
     estimates = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=n_boot, seed=seed)
     return {"rows": len(item), **{name: e.as_dict() for name, e in estimates.items()}}
+
+
+def _evaluation_terms(policy: SlatePolicy, states, items, choice_model, item: torch.Tensor,
+                      position: torch.Tensor, state: torch.Tensor, exploration: float,
+                      chunk: int = 2048) -> tuple[torch.Tensor, ...]:
+    """Per logged row: the evaluation policy's probability of the logged service at its
+    position, the reward model's click probability of it, and the direct-method sum over
+    every service.
+
+    Everything a row needs depends on its user state and position only, so the policy's
+    scores and the choice model's utilities are computed once per state, `chunk` states
+    at a time, never once per logged impression: memory stays at chunk x services x
+    positions, and the time grows with the states rather than the impressions.
+    """
+    n_topics = choice_model.config["n_topics"]
+    last = choice_model.config["n_positions"] - 1
+    bias = choice_model.position_bias[: last + 1]
+    item_features = item_feature_matrix(items.topic, items.numeric, n_topics)
+    n_services = len(items.topic)
+    depth = min(n_services, int(position.max()) + 1)
+    slot = position.clamp(max=last)
+    p_logged, q_logged, direct = (torch.empty(len(item)) for _ in range(3))
+    order = state.argsort()
+    bounds = torch.searchsorted(state[order], torch.arange(0, len(states.interest) + chunk,
+                                                           chunk))
+    for block, first in enumerate(range(0, len(states.interest), chunk)):
+        rows = order[bounds[block]:bounds[block + 1]]
+        if len(rows) == 0:
+            continue
+        stop = first + chunk
+        interest, strength = states.interest[first:stop], states.strength[first:stop]
+        signup = states.signup[first:stop]
+        scores = policy.score(user_feature_matrix(interest, strength, signup), item_features)
+        softmax = torch.softmax(scores, dim=1)
+        best = scores.topk(depth, dim=1).indices
+        utility = choice_model.all_item_utilities(interest, strength, signup, items.topic,
+                                                  items.numeric)
+        # sum_j softmax_j * click_j at each position's bias: (states, positions).
+        explored = torch.einsum("cs,csp->cp", softmax,
+                                torch.sigmoid(utility.unsqueeze(2) + bias))
+        s, i, p, b = state[rows] - first, item[rows], position[rows], slot[rows]
+        in_depth = p < depth
+        greedy_item = best[s, p.clamp(max=depth - 1)]
+        greedy_click = torch.sigmoid(utility[s, greedy_item] + bias[b])
+        p_logged[rows] = ((1.0 - exploration) * ((greedy_item == i) & in_depth).float()
+                          + exploration * softmax[s, i]).clamp(1e-12, 1.0)
+        q_logged[rows] = torch.sigmoid(utility[s, i] + bias[b])
+        direct[rows] = ((1.0 - exploration) * greedy_click * in_depth.float()
+                        + exploration * explored[s, b])
+    return p_logged, q_logged, direct
 
 
 def json_safe(value):
