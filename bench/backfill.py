@@ -7,11 +7,17 @@ replays logged days), and `airflow backfill create --dag-id rec_nightly` over th
 runs in a fresh Airflow home with a scheduler stack (api-server, dag-processor, scheduler,
 LocalExecutor), one run at a time. It then compares every row of `rec.recommendations`
 (run date, user, rank, service, expert, score, propensity) between A and B, and prints the
-wall time of both and one JSON line.
+wall time of both and one JSON line. That line also locates any difference: differing rows
+per run date, rows of the final dbt marts that differ, and the model metrics
+(`rec.model_runs`, wall times aside) that differ per date and stage.
+
+Both halves must run the same code: the publishing kernel (`rec.native`) is rebuilt from
+its source whenever that changes, so editing the tree while the bench runs shows up as
+differing scores. Run it from a checkout nobody edits meanwhile.
 
 Slow (fourteen nightly runs): a benchmark run by hand, never by `make test`.
 
-    .venv/bin/python bench/backfill.py [--days 7] [--users 200] [--experts 20] [--steps 10]
+    .venv/bin/python bench/backfill.py [--days 7] [--users 200] [--experts 20] [--steps 10] [--keep]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -64,6 +71,58 @@ def lists(url: str, first: date, last: date) -> list[tuple]:
             " order by run_date, user_id, rank", (first, last)).fetchall()
 
 
+def _hashable(row: tuple) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in row)
+
+
+def marts_differing(url_a: str, url_b: str) -> dict[str, int]:
+    """Rows of each `analytics` table in one database and not the other (both ways).
+
+    Both databases end on the same run date, so their marts should hold the same rows.
+    """
+    found = {}
+    with psycopg.connect(url_a) as a, psycopg.connect(url_b) as b:
+        tables = [r[0] for r in a.execute(
+            "select table_name from information_schema.tables where table_schema = 'analytics'"
+            " order by table_name")]
+        for table in tables:
+            query = f"select * from analytics.{table}"
+            rows_a = Counter(map(_hashable, a.execute(query).fetchall()))
+            rows_b = Counter(map(_hashable, b.execute(query).fetchall()))
+            found[table] = sum(((rows_a - rows_b) + (rows_b - rows_a)).values())
+    return found
+
+
+# Metrics that differ between any two runs: wall times, and paths or versions named by run.
+RUN_NAMED = ("warm_start", "champion_before", "challenger_version", "previous_champion")
+
+
+def _without_timings(value):
+    """The metrics with wall-time figures (`seconds`, `*_seconds`, `*_s`) left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if not (k == "seconds" or k.endswith(("_seconds", "_s")) or k in RUN_NAMED)}
+    return value
+
+
+def metrics_differing(url_a: str, url_b: str) -> dict[str, list[str]]:
+    """For each (run date, stage) of rec.model_runs, the top-level metrics that differ
+    (wall times aside)."""
+    query = ("select run_date, stage, metrics from rec.model_runs m where created_at ="
+             " (select max(created_at) from rec.model_runs n where n.run_date = m.run_date"
+             " and n.stage = m.stage)")
+    with psycopg.connect(url_a) as a, psycopg.connect(url_b) as b:
+        runs_a = {(str(r[0]), r[1]): r[2] for r in a.execute(query)}
+        runs_b = {(str(r[0]), r[1]): r[2] for r in b.execute(query)}
+    found = {}
+    for key in sorted(runs_a.keys() | runs_b.keys()):
+        ma, mb = _without_timings(runs_a.get(key, {})), _without_timings(runs_b.get(key, {}))
+        keys = sorted(k for k in ma.keys() | mb.keys() if ma.get(k) != mb.get(k))
+        if keys:
+            found[f"{key[0]} {key[1]}"] = keys
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--days", type=int, default=7)
@@ -71,6 +130,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="agent steps per night")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep both databases (their names are printed) to inspect")
     args = parser.parse_args()
     # A SIGTERM unwinds like an exception, so the scheduler stack stops and the databases go.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -116,13 +177,20 @@ def main() -> None:
 
         a, b = lists(seq.url, first_run, last_run), lists(bf.url, first_run, last_run)
         differing = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+        by_date = {str(d): sum(x != y for x, y in zip(a, b, strict=False) if x[0] == d)
+                   for d in sorted({x[0] for x in a})}
+        marts = marts_differing(seq.url, bf.url)
+        metrics = metrics_differing(seq.url, bf.url)
         same_slots = sum(x[:5] == y[:5] for x, y in zip(a, b, strict=False))
         max_score_diff = max((abs(x[5] - y[5]) for x, y in zip(a, b, strict=False)
                               if x[:5] == y[:5]), default=0.0)
     finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            for name in names.values():
-                conn.execute(f'drop database if exists "{name}" with (force)')
+        if args.keep:
+            print(f"databases kept: {', '.join(names.values())} on {server}")
+        else:
+            with psycopg.connect(server, autocommit=True) as conn:
+                for name in names.values():
+                    conn.execute(f'drop database if exists "{name}" with (force)')
 
     print(f"sequential dags test: {args.days} runs in {sequential_s:.0f}s")
     print(f"backfill:             {len(states)} runs in {backfill_s:.0f}s "
@@ -132,6 +200,8 @@ def main() -> None:
     print(json.dumps({"days": args.days, "users": args.users, "rows_sequential": len(a),
                       "rows_backfill": len(b), "rows_differing": differing,
                       "same_slots": same_slots, "max_score_diff": max_score_diff,
+                      "differing_by_date": by_date, "marts_rows_differing": marts,
+                      "metrics_differing": metrics,
                       "identical": differing == 0 and len(a) > 0,
                       "app_rows_copied": copied, "backfill_states": states,
                       "sequential_s": round(sequential_s, 1),

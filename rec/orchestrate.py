@@ -45,16 +45,32 @@ def airflow_env() -> dict[str, str]:
 
 def airflow_command(args: list[str], check: bool = True, capture: bool = False,
                     env: dict[str, str] | None = None):
-    """Run `airflow ARGS` with the project's environment (plus `env`)."""
+    """Run `airflow ARGS` with the project's environment (plus `env`).
+
+    Raises:
+        RuntimeError: with `check`, the command failed; when its output was captured, the
+            message carries the end of its stderr (and stdout), which would otherwise be lost.
+    """
     executable = Path(sys.executable).parent / "airflow"
-    return subprocess.run([str(executable), *args], env=airflow_env() | (env or {}),
-                          check=check, capture_output=capture, text=True)
+    result = subprocess.run([str(executable), *args], env=airflow_env() | (env or {}),
+                            check=False, capture_output=capture, text=True)
+    if check and result.returncode != 0:
+        said = ""
+        if capture:
+            said = "\n" + "\n".join(
+                part[-4000:] for part in (result.stderr, result.stdout) if part and part.strip())
+        raise RuntimeError(f"airflow {' '.join(args[:3])} exited {result.returncode}{said}")
+    return result
 
 
 def ensure_metadata_db() -> None:
     """Create or upgrade Airflow's metadata database (a no-op when it is current)."""
+    from importlib.metadata import version as installed_version
+
     marker = airflow_home() / ".migrated"
-    version = airflow_command(["version"], capture=True).stdout.strip()
+    # The installed distribution's version, read in this process: `airflow version` would
+    # tell the same (the executable is this environment's) after a start-up of seconds.
+    version = installed_version("apache-airflow")
     if marker.exists() and marker.read_text() == version:
         return
     started = time.perf_counter()
@@ -80,18 +96,32 @@ def run_dag(
     ensure_metadata_db()
     started = time.perf_counter()
     args = ["dags", "test", dag_id, logical_date.isoformat()]
+    dag_file = REPO_ROOT / "dags" / f"{dag_id}.py"
+    if dag_file.exists():
+        # Parse (and write to the metadata DB) this DAG's file alone, not the whole folder.
+        args += ["--dagfile-path", str(dag_file)]
     if conf:
         args += ["--conf", json.dumps(conf)]
     if skip_tasks:
         args += ["--mark-success-pattern", skip_tasks]
     result = airflow_command(args, check=False, capture=True)
+    # `dags test` prints the task logs to its output and writes no task log files.
+    output = run_log_path(dag_id, logical_date)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(result.stdout + result.stderr)
     state = dag_run_state(dag_id, logical_date)
     if result.returncode != 0 or state != "success":
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
         raise RuntimeError(
             f"{dag_id} for {logical_date} ended in state {state!r}; failed tasks: "
             f"{failed_tasks(dag_id, logical_date)}\n--- airflow output (tail) ---\n{tail}")
-    log.info("%s for %s succeeded in %.1fs", dag_id, logical_date, time.perf_counter() - started)
+    log.info("%s for %s succeeded in %.1fs; its output: %s", dag_id, logical_date,
+             time.perf_counter() - started, output)
+
+
+def run_log_path(dag_id: str, logical_date: date) -> Path:
+    """Where `run_dag` keeps the output (task logs included) of its last run of a date."""
+    return airflow_home() / "dags-test-logs" / dag_id / f"{logical_date.isoformat()}.log"
 
 
 def _metadata_query(sql: str, params: dict) -> list[tuple]:

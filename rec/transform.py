@@ -24,6 +24,20 @@ DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 FAILED_STATUSES = {"error", "fail", "runtime error"}
 
 
+class DbtFailure(RuntimeError):
+    """A dbt command failed.
+
+    `data_tests_failed` names the data tests that found bad rows (empty when the failure
+    was an error, such as a model that could not be built); `skipped` names the nodes dbt
+    did not run because something they depend on failed.
+    """
+
+    def __init__(self, message: str, data_tests_failed: list[str], skipped: list[str]):
+        super().__init__(message)
+        self.data_tests_failed = data_tests_failed
+        self.skipped = skipped
+
+
 def set_connection_env(url: str) -> None:
     """Expose the URL's parts under the names profiles.yml reads."""
     parts = url_parts(url)
@@ -95,10 +109,11 @@ def run_dbt(
         extra: Further arguments of the command.
 
     Returns:
-        A summary: command, run_date, nodes (count), passed, failed, skipped, seconds.
+        A summary: command, run_date, nodes (count), passed, failed, skipped, seconds, and
+        `models_s`, the seconds each model took to build (empty unless models ran).
 
     Raises:
-        RuntimeError: dbt failed; the message names each failing node and its error.
+        DbtFailure: dbt failed; the message names each failing node and its error.
     """
     from dbt.cli.main import dbtRunner
 
@@ -123,6 +138,8 @@ def run_dbt(
         "skipped": sum(s == "skipped" for s in statuses),
         "warned": sum(s == "warn" for s in statuses),
         "seconds": round(seconds, 2),
+        "models_s": {r.node.name: round(float(r.execution_time or 0.0), 2)
+                     for r in results if getattr(r.node, "resource_type", None) == "model"},
     }
 
     if not outcome.success:
@@ -131,9 +148,12 @@ def run_dbt(
             lines.append(f"{type(outcome.exception).__name__}: {outcome.exception}")
         detail = "\n  ".join(lines) or "no node reported an error"
         selected = f" --select {select}" if select else ""
-        raise RuntimeError(
+        raise DbtFailure(
             f"dbt {command}{selected} for {run_date} failed ({summary['failed']} failed, "
-            f"{summary['skipped']} skipped):\n  {detail}"
+            f"{summary['skipped']} skipped):\n  {detail}",
+            [r.node.unique_id for r, s in zip(results, statuses, strict=True)
+             if s == "fail" and getattr(r.node, "resource_type", None) == "test"],
+            [r.node.unique_id for r, s in zip(results, statuses, strict=True) if s == "skipped"],
         )
 
     log.info(
@@ -149,7 +169,8 @@ def run_dbt(
     return summary
 
 
-def generate_docs(run_date: datetime.date, url: str | None = None) -> Path:
+def generate_docs(run_date: datetime.date, url: str | None = None,
+                  history_days: int = 28) -> Path:
     """`dbt docs generate` into `docs_dir()`: a static site to open or serve.
 
     The catalog reads the built relations' columns and types from the database, so
@@ -159,7 +180,8 @@ def generate_docs(run_date: datetime.date, url: str | None = None) -> Path:
         The site's index.html.
     """
     site = docs_dir()
-    run_dbt(run_date, url, command="docs generate", target_path=site)
+    run_dbt(run_date, url, command="docs generate", history_days=history_days,
+            target_path=site)
     index = site / "index.html"
     if not index.exists() or not (site / "catalog.json").exists():
         raise RuntimeError(f"dbt docs generate left no site in {site}")

@@ -7,7 +7,7 @@ from datetime import date
 import psycopg
 import pytest
 
-from rec.orchestrate import run_dag
+from rec.orchestrate import run_dag, run_log_path
 from rec.world.generate import WorldSpec, seed_world
 from rec.world.traffic import simulate_day
 
@@ -32,6 +32,9 @@ def test_nightly_run_publishes_every_user_and_reruns_cleanly(fresh_database):
         conn.commit()
 
     run_dag("rec_nightly", date(2026, 1, 2), FAST)
+    # `dags test` writes no task log files: run_dag keeps the run's output, task logs included.
+    output = run_log_path("rec_nightly", date(2026, 1, 2)).read_text()
+    assert "task_id=dbt.expert_features.test" in output and "task_id=swap_in" in output
 
     with psycopg.connect(fresh_database) as conn:
         expected_users = conn.execute(
