@@ -126,7 +126,8 @@ def off_policy(policy: SlatePolicy, slates, items, choice_model, exploration: fl
     The evaluation policy fills slot p with the policy's p-th best service with probability
     1 - exploration, else with a draw from the softmax of its scores (as published). The
     reward model for DR is the choice model's click probability of the service alone at that
-    position. Impressions without a logged propensity are left out.
+    position. Impressions without a logged propensity are left out. The intervals are a
+    cluster bootstrap over user states.
 
     Args:
         policy: the policy to evaluate.
@@ -158,7 +159,10 @@ def off_policy(policy: SlatePolicy, slates, items, choice_model, exploration: fl
         action=np.zeros(len(item), dtype=int), position=np.zeros(len(item), dtype=int),
         reward=slates.clicked[keep].double().numpy(),
         pscore=propensity[keep].double().numpy())
-    estimates = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=n_boot, seed=seed)
+    # The impressions of one user state (a user's day) share their user and slate, so the
+    # intervals resample user states, not impressions.
+    estimates = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=n_boot,
+                                    seed=seed, clusters=state.numpy())
     return {"rows": len(item), **{name: e.as_dict() for name, e in estimates.items()}}
 
 

@@ -63,3 +63,31 @@ def test_chunked_terms_equal_the_per_row_formula(n_services, max_position):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     # The greedy part is exercised: some logged services are the policy's pick at their slot.
     assert (got[0] > 0.5).sum() > 0
+
+
+def test_cluster_bootstrap_matches_the_row_bootstrap_for_singleton_clusters_and_widens():
+    """One row per cluster is the row bootstrap; correlated rows get a wider interval."""
+    from rec import ope
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    # Ten impressions per user state; a state's rows share most of their clicks.
+    state = np.repeat(np.arange(n // 10), 10)
+    shared = rng.random(n // 10) < 0.3
+    reward = np.where(rng.random(n) < 0.8, shared[state], rng.random(n) < 0.3).astype(float)
+    feedback = ope.LoggedFeedback(action=np.zeros(n, dtype=int),
+                                  position=np.zeros(n, dtype=int), reward=reward,
+                                  pscore=np.full(n, 0.5))
+    action_dist = np.stack([np.full(n, 0.5), np.full(n, 0.5)], axis=1)[:, :, None]
+    reward_hat = np.full((n, 2, 1), 0.3)
+    rows = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=400, seed=1)
+    singletons = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=400, seed=1,
+                                     clusters=np.arange(n))
+    clustered = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=400, seed=1,
+                                    clusters=state)
+    for name in ("ips", "snips", "dr"):
+        assert clustered[name].estimate == pytest.approx(rows[name].estimate)
+        assert singletons[name].ci_low == pytest.approx(rows[name].ci_low, abs=1e-9)
+        assert singletons[name].ci_high == pytest.approx(rows[name].ci_high, abs=1e-9)
+        width = rows[name].ci_high - rows[name].ci_low
+        assert clustered[name].ci_high - clustered[name].ci_low > 1.5 * width
