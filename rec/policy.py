@@ -107,14 +107,16 @@ def top_n_with_exploration(
 
 def top_n_for_policy(
     policy: SlatePolicy, user_features: torch.Tensor, item_features: torch.Tensor, n: int,
-    exploration: float, generator: torch.Generator, cache_rows: int = 256,
+    exploration: float, generator: torch.Generator | topn.CounterUniforms,
+    cache_rows: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`top_n_with_exploration` of the policy's scores: (indices, scores, propensities).
 
     Policies with a `factors` method (score = cap * tanh(u . v / cap)) are scored
     `cache_rows` users at a time into one reused buffer, so the (B, S) scores never leave
     the CPU cache; others are scored 8192 users at a time and passed to
-    `top_n_with_exploration`.
+    `top_n_with_exploration`. A `rec.topn.CounterUniforms` in place of the generator
+    works for policies with `factors` only.
     """
     n_items = item_features.shape[0]
     if n > n_items:
@@ -122,6 +124,8 @@ def top_n_for_policy(
     factors = getattr(policy, "factors", None)
     with torch.no_grad():
         if factors is None:
+            if isinstance(generator, topn.CounterUniforms):
+                raise TypeError("counter-based uniforms need a policy with `factors`")
             parts = []
             for start in range(0, len(user_features), 8192):
                 scores = policy.score(user_features[start:start + 8192], item_features)

@@ -76,7 +76,8 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
     independent workers keep both cores busy without the per-operation synchronisation of
     torch's intra-op threads, which the many small selection steps would pay for. Block k
     draws from its own generator, so the lists depend on the seed alone, not on the number
-    of threads or their timing.
+    of threads or their timing; for factorised policies each user's numbers are a function
+    of the seed and the user's row (`rec.topn.CounterUniforms`), whatever the blocks.
 
     Policies with a `factors` method are ranked by the fused native kernel (`rec.native`)
     where it is available: the same lists as the torch path (`top_n_for_policy`) from the
@@ -105,24 +106,27 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
             return tower.factors(features)
         return policy.factors(features, item_features[:1])[0]
 
+    # A factorised policy's slots read counter-based numbers: user i's are the same in any
+    # block, thread or path (native or torch).
+    draws = topn.CounterUniforms(seed)
+
     def rank_block(start: int) -> None:
         rows = slice(start, start + SELECT_ROWS)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start // SELECT_ROWS)
         with torch.no_grad():
             features = user_feature_matrix(users.interest[rows], users.strength[rows],
                                            users.signup[rows])
             if kernel is not None:
-                uniform = topn.slot_uniforms(len(features), n, exploration, generator)
                 # Small steps keep the user factors in cache and off the heap.
                 for sub in range(0, len(features), FACTOR_ROWS):
                     part = slice(sub, sub + FACTOR_ROWS)
                     user_vectors = user_factors(features[part])
                     out = slice(start + sub, start + min(sub + FACTOR_ROWS, len(features)))
                     native.rank(kernel, user_vectors, items_t, cap, n, len(items), exploration,
-                                None if uniform is None else uniform[part],
-                                ranked.service_rows[out], ranked.scores[out],
-                                ranked.propensities[out])
+                                draws.at(out.start), ranked.service_rows[out],
+                                ranked.scores[out], ranked.propensities[out])
                 return
+            generator = (draws.at(start) if hasattr(policy, "factors") else
+                         torch.Generator().manual_seed(seed * 1_000_003 + start // SELECT_ROWS))
             chosen, scores, propensity = top_n_for_policy(
                 policy, features, item_features, n, exploration, generator)
         ranked.service_rows[rows] = chosen.numpy()
@@ -337,8 +341,11 @@ def write_shard(run_date: date, run_id: str, shard: dict, config: RunConfig | No
         raise RuntimeError(f"nothing to publish for {run_date}: no active services")
     policy = load_slate_policy(policy_path)
     version = policy.metadata.get("model_version") or model_version(run_date, run_id)
+    # The seed varies with the night as well as the shard: the same seed every night would
+    # explore the same slots of the same users night after night.
     ranked = rank_users(policy, users, items, config.top_n, config.exploration,
-                        config.seed * 100_003 + shard["shard"])
+                        (config.seed * 1_000_003 + run_date.toordinal()) * 100_003
+                        + shard["shard"])
     scored = time.perf_counter()
 
     table = staging_table(run_date, run_id)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BLOCK = 16
@@ -139,15 +140,58 @@ def _tail_draws(cands: Candidates, tail: torch.Tensor, tail_taken: torch.Tensor,
     return items.gather(1, inner).squeeze(1), picked, block_score.gather(1, inner).squeeze(1)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 (wrapping arithmetic), as the kernel's mix64."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class CounterUniforms:
+    """Uniform numbers that are a function of (key, row, slot), not draws from a stream.
+
+    The number of slot s of row r is splitmix64's mixer applied to the key's base plus the
+    golden-ratio increment times the counter (first_row + r) * n + s + 1, its top 53 bits
+    scaled to [0, 1). Any slice of rows gets the same numbers however the rows are split
+    into blocks or threads, and `rec.native` computes them inside the kernel, so publishing
+    never holds a (users, n) array of them.
+    """
+
+    key: int
+    first_row: int = 0
+
+    @property
+    def base(self) -> int:
+        return int(_mix64(np.array([self.key % 2**64], dtype=np.uint64))[0])
+
+    def at(self, first_row: int) -> CounterUniforms:
+        """The same numbers for rows counted from `first_row` on."""
+        return CounterUniforms(self.key, first_row)
+
+    def block(self, rows: int, n: int) -> torch.Tensor:
+        """(rows, n) float64: the numbers of rows first_row .. first_row + rows - 1."""
+        counter = (np.arange(rows * n, dtype=np.uint64)
+                   + np.uint64(self.first_row) * np.uint64(n) + np.uint64(1))
+        mixed = _mix64(np.uint64(self.base) + np.uint64(_GOLDEN) * counter)
+        values = (mixed >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        return torch.from_numpy(values.reshape(rows, n))
+
+
 def slot_uniforms(rows: int, n: int, exploration: float,
-                  generator: torch.Generator) -> torch.Tensor | None:
+                  generator: torch.Generator | CounterUniforms) -> torch.Tensor | None:
     """The (rows, n) float64 uniform numbers `select` consumes; None without exploration."""
     if exploration <= 0.0:
         return None
+    if isinstance(generator, CounterUniforms):
+        return generator.block(rows, n)
     return torch.rand(rows, n, generator=generator, dtype=torch.float64)
 
 
-def select(cands: Candidates, exploration: float, generator: torch.Generator,
+def select(cands: Candidates, exploration: float, generator: torch.Generator | CounterUniforms,
            block_weights: BlockWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the n slots of every row; returns indices (R, n), scores (R, n), propensities."""
     rows, n = cands.index.shape

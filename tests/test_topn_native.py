@@ -118,6 +118,40 @@ def test_slates_equal_the_torch_select(kernel, services, n, exploration):
                            torch.topk(users @ items_t[:, :services], n).indices)
 
 
+def test_counter_uniforms_are_the_kernels_and_do_not_depend_on_blocks(kernel):
+    """The kernel's own counter-based numbers equal `CounterUniforms.block` passed as a
+    tensor, and a slice of rows gets the same numbers as the whole."""
+    draws = topn.CounterUniforms(2024)
+    whole = draws.block(1000, 8)
+    assert torch.equal(draws.at(300).block(200, 8), whole[300:500])
+    assert 0.0 <= whole.min() and whole.max() < 1.0
+    assert abs(whole.mean().item() - 0.5) < 0.01 and abs((whole < 0.1).double().mean() - 0.1) < 0.01
+    assert not torch.equal(topn.CounterUniforms(2025).block(10, 8), whole[:10])
+
+    users, items = _factors(1000, 300, 17, 2.0, seed=3)
+    items_t = native.transposed_items(items)
+    outputs = []
+    for uniform in (draws.at(500), draws.at(500).block(1000, 8)):
+        out = (np.empty((1000, 8), np.int32), np.empty((1000, 8), np.float32),
+               np.empty((1000, 8), np.float32))
+        native.rank(kernel, users, items_t, CAP, 8, 300, 0.4, uniform, *out)
+        outputs.append(out)
+    for computed, passed in zip(*outputs, strict=True):
+        np.testing.assert_array_equal(computed, passed)
+
+
+def test_rank_users_lists_do_not_depend_on_the_block_size(monkeypatch):
+    policy, users, items = _policy_world(3000, 300)
+    first = publish.rank_users(policy, users, items, 10, 0.3, seed=5)
+    monkeypatch.setattr(publish, "SELECT_ROWS", 700)
+    monkeypatch.setattr(publish, "FACTOR_ROWS", 300)
+    second = publish.rank_users(policy, users, items, 10, 0.3, seed=5, threads=1)
+    np.testing.assert_array_equal(first.service_rows, second.service_rows)
+    np.testing.assert_array_equal(first.propensities, second.propensities)
+    other = publish.rank_users(policy, users, items, 10, 0.3, seed=6)
+    assert (other.service_rows != first.service_rows).any()
+
+
 def _reset_native(monkeypatch) -> None:
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_library", None)

@@ -119,7 +119,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.rec_candidates.argtypes = [pointer, i64, i32, pointer, i32, i32, ctypes.c_float, i32,
                                    pointer, pointer, pointer, pointer]
     lib.rec_rank.argtypes = [pointer, i64, i32, pointer, i32, i32, ctypes.c_float, i32,
-                             ctypes.c_double, pointer, pointer, pointer, pointer]
+                             ctypes.c_double, pointer, i32, ctypes.c_uint64, i64, pointer,
+                             pointer, pointer]
     lib.rec_user_factors.argtypes = [pointer, i64, i32, pointer, pointer, pointer, i32, i32,
                                      pointer]
     lib.rec_candidates.restype = lib.rec_rank.restype = ctypes.c_int
@@ -175,20 +176,25 @@ def candidates(lib: ctypes.CDLL, users: torch.Tensor, items_t: torch.Tensor, cap
 
 
 def rank(lib: ctypes.CDLL, users: torch.Tensor, items_t: torch.Tensor, cap: float, n: int,
-         n_items: int, exploration: float, uniform: torch.Tensor | None, index: np.ndarray,
+         n_items: int, exploration: float,
+         uniform: torch.Tensor | topn.CounterUniforms | None, index: np.ndarray,
          score: np.ndarray, propensity: np.ndarray) -> None:
     """Fill every user's n slots as `rec.topn.select` would, into the given (U, n) arrays.
 
     Args:
         lib, users, items_t, cap, n, n_items: as for `candidates`.
         exploration: share of slots drawn from the softmax.
-        uniform: (U, n) float64 numbers in [0, 1), as `rec.topn.slot_uniforms` draws them;
-            None when exploration is 0.
+        uniform: (U, n) float64 numbers in [0, 1), as `rec.topn.slot_uniforms` draws them,
+            or a `rec.topn.CounterUniforms` whose numbers the kernel computes itself (no
+            (U, n) array); None when exploration is 0.
         index: int32 output, columns of the catalogue.
         score: float32 output, the chosen logits.
         propensity: float32 output.
     """
     users = users.detach().float().contiguous()
+    counter = uniform if isinstance(uniform, topn.CounterUniforms) else None
+    if counter is not None:
+        uniform = None
     if uniform is not None:
         uniform = uniform.contiguous()
         assert uniform.dtype == torch.float64 and uniform.shape == (len(users), n)
@@ -196,7 +202,10 @@ def rank(lib: ctypes.CDLL, users: torch.Tensor, items_t: torch.Tensor, cap: floa
         assert array.dtype == dtype and array.shape == (len(users), n)
     _check(lib.rec_rank(_pointer(users), len(users), users.shape[1], _pointer(items_t),
                         items_t.shape[1], n_items, cap, n, exploration,
-                        None if uniform is None else _pointer(uniform), _pointer(index),
+                        None if uniform is None else _pointer(uniform),
+                        int(counter is not None and exploration > 0.0),
+                        counter.base if counter is not None else 0,
+                        counter.first_row if counter is not None else 0, _pointer(index),
                         _pointer(score), _pointer(propensity)), "rec_rank")
 
 

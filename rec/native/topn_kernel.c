@@ -658,21 +658,48 @@ typedef struct {
     const double *uniform;
     int32_t *index;
     float *score, *propensity;
+    int use_counter;
+    uint64_t base;
+    int64_t first_row;
 } SlateOut;
+
+/* splitmix64's output function (Steele, Lea and Flood 2014): a bijective 64-bit mixer. */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The uniform number of counter c under a key's base: what rec.topn.CounterUniforms gives. */
+static inline double counter_uniform(uint64_t base, uint64_t c) {
+    return (double)(mix64(base + 0x9E3779B97F4A7C15ull * (c + 1)) >> 11) * 0x1.0p-53;
+}
 
 static void fill_slate(Row *row, int64_t user, void *context) {
     SlateOut *out = context;
     const int64_t at = user * row->n;
-    select_row(row, out->exploration, out->uniform ? out->uniform + at : NULL, out->index + at,
-               out->score + at, out->propensity + at);
+    const double *uniform = out->uniform ? out->uniform + at : NULL;
+    double own[MAX_N];
+    if (out->use_counter) {
+        const uint64_t first = (uint64_t)(out->first_row + user) * (uint64_t)row->n;
+        for (int slot = 0; slot < row->n; ++slot)
+            own[slot] = counter_uniform(out->base, first + (uint64_t)slot);
+        uniform = own;
+    }
+    select_row(row, out->exploration, uniform, out->index + at, out->score + at,
+               out->propensity + at);
 }
 
 /* Every user's n slots with exploration: index (int32), score, propensity (n_users x n).
- * uniform holds n_users x n numbers in [0, 1) (NULL when exploration is 0). */
+ * uniform holds n_users x n numbers in [0, 1) (NULL when exploration is 0 or with
+ * use_counter); with use_counter, each row's numbers are computed from (base, row, slot)
+ * instead, row counting from first_row (rec.topn.CounterUniforms). */
 int rec_rank(const float *users, int64_t n_users, int dim, const float *items_t, int width,
              int n_items, float cap, int n, double exploration, const double *uniform,
+             int use_counter, uint64_t base, int64_t first_row,
              int32_t *index, float *score, float *propensity) {
-    SlateOut out = {exploration, uniform, index, score, propensity};
+    SlateOut out = {exploration, uniform, index, score, propensity, use_counter, base,
+                    first_row};
     return for_each_row(users, n_users, dim, items_t, width, n_items, cap, n, fill_slate, &out);
 }
 
