@@ -216,18 +216,25 @@ class ChoiceModel(nn.Module):
         return self._utility(interest, strength, signup, item_topic, item_part, None)
 
     def impression_utilities(self, data: ChoiceData) -> torch.Tensor:
-        """(N,) utility of each logged impression."""
+        """(N,) utility of each logged impression: `_utility`'s sum for each one.
+
+        The user terms are formed per user state and then read once per impression, never
+        as (N, T) rows of interests: fitting evaluates this hundreds of times over every
+        logged impression, and the (N, T) gathers and their gradients were most of its cost.
+        """
         item_part = self.item_utilities(data.topic, data.item_numeric, data.item_expert)
-        item_part = item_part[data.item]
-        utility = self._utility(
-            data.interest[data.user],
-            data.strength[data.user],
-            data.signup[data.user],
-            data.topic[data.item].unsqueeze(1),
-            item_part.unsqueeze(1),
-            data.position.unsqueeze(1),
-        )
-        return utility.squeeze(1)
+        last = self.config["n_positions"] - 1
+        utility = (item_part[data.item] + self.intercept
+                   + self.position_bias[data.position.clamp(max=last)])
+        if self.config["position_only"]:
+            return utility
+        user, topic = data.user, data.topic[data.item]
+        utility = utility + (data.interest @ self.affinity)[user, topic]
+        utility = utility + self.signup_coef * data.signup[user, topic]
+        if self.config["use_strength"]:
+            utility = utility + (self.strength_coef * data.strength[user]
+                                 * data.interest[user, topic])
+        return utility
 
     def l2_penalty(self) -> torch.Tensor:
         """Sum of squares of every coefficient except the intercept and the expert effects."""

@@ -194,3 +194,21 @@ def test_propensity_weighting_enters_the_fit():
     data.propensity = slate_propensity.repeat_interleave(SLATE_SIZE)
     _, weighted = fit_choice_model(data, N_TOPICS, seed=0)
     assert abs(weighted["train_logloss"] - unweighted["train_logloss"]) > 1e-4
+
+
+def test_impression_utilities_equal_the_slate_utilities():
+    """The per-impression path (user terms formed per state) sums the same terms."""
+    data = _simulated_logs(seed=3)
+    model = _truth()
+    state = UserState.from_features(data.interest, data.strength, data.signup)
+    slates = data.item.reshape(-1, SLATE_SIZE)
+    users = data.user.reshape(-1, SLATE_SIZE)[:, 0]
+    with torch.no_grad():
+        expected = model.utilities(state.index(users), Catalogue(data.topic, data.item_numeric),
+                                   slates).reshape(-1)
+        torch.testing.assert_close(model.impression_utilities(data), expected)
+        baseline = ChoiceModel(N_TOPICS, N_NUMERIC, SLATE_SIZE, position_only=True)
+        baseline.later_position_bias.copy_(TRUE_POSITION_BIAS[1:])
+        baseline.intercept.fill_(-1.0)
+        torch.testing.assert_close(baseline.impression_utilities(data),
+                                   -1.0 + TRUE_POSITION_BIAS[data.position])
