@@ -141,42 +141,61 @@ def off_policy(policy: SlatePolicy, slates, items, choice_model, exploration: fl
     Returns:
         {estimator: {"estimate", "ci"}} and `rows`, or {"rows": 0} without usable rows.
     """
+    return off_policy_many({"policy": policy}, slates, items, choice_model, exploration,
+                           n_boot, seed)["policy"]
+
+
+@torch.no_grad()
+def off_policy_many(policies: dict[str, SlatePolicy], slates, items, choice_model,
+                    exploration: float = 0.1, n_boot: int = 1000, seed: int = 0) -> dict:
+    """`off_policy` of several policies on the same logs: {name: estimates}.
+
+    The choice model's click probabilities, which do not depend on the policy, are computed
+    once for all of them.
+    """
     propensity = slates.propensity
     if propensity is None or slates.item.numel() == 0:
-        return {"rows": 0}
+        return {name: {"rows": 0} for name in policies}
     keep = torch.isfinite(propensity) & (propensity > 0)
     if not keep.any():
-        return {"rows": 0}
+        return {name: {"rows": 0} for name in policies}
     item, position, state = slates.item[keep], slates.position[keep], slates.state[keep]
-    p_logged, q_logged, direct = _evaluation_terms(
-        policy, slates.states, items, choice_model, item, position, state, exploration)
-    # Two pseudo-actions per row, the logged service and all the others, carry exactly the
-    # probabilities and the direct-method sum DR needs, without an (N, S, P) table.
-    q_other = (direct - p_logged * q_logged) / (1.0 - p_logged).clamp(min=1e-12)
-    action_dist = torch.stack([p_logged, 1.0 - p_logged], dim=1).unsqueeze(2).double().numpy()
-    reward_hat = torch.stack([q_logged, q_other], dim=1).unsqueeze(2).double().numpy()
+    q_logged, terms = _evaluation_terms(list(policies.values()), slates.states, items,
+                                        choice_model, item, position, state, exploration)
     feedback = ope.LoggedFeedback(
         action=np.zeros(len(item), dtype=int), position=np.zeros(len(item), dtype=int),
         reward=slates.clicked[keep].double().numpy(),
         pscore=propensity[keep].double().numpy())
-    # The impressions of one user state (a user's day) share their user and slate, so the
-    # intervals resample user states, not impressions.
-    estimates = ope.evaluate_policy(feedback, action_dist, reward_hat, n_boot=n_boot,
-                                    seed=seed, clusters=state.numpy())
-    return {"rows": len(item), **{name: e.as_dict() for name, e in estimates.items()}}
+    results = {}
+    for name, (p_logged, direct) in zip(policies, terms, strict=True):
+        # Two pseudo-actions per row, the logged service and all the others, carry exactly
+        # the probabilities and the direct-method sum DR needs, without an (N, S, P) table.
+        q_other = (direct - p_logged * q_logged) / (1.0 - p_logged).clamp(min=1e-12)
+        action_dist = torch.stack([p_logged, 1.0 - p_logged], dim=1).unsqueeze(2)
+        reward_hat = torch.stack([q_logged, q_other], dim=1).unsqueeze(2)
+        # The impressions of one user state (a user's day) share their user and slate, so
+        # the intervals resample user states, not impressions.
+        estimates = ope.evaluate_policy(feedback, action_dist.double().numpy(),
+                                        reward_hat.double().numpy(), n_boot=n_boot,
+                                        seed=seed, clusters=state.numpy())
+        results[name] = {"rows": len(item), **{k: e.as_dict() for k, e in estimates.items()}}
+    return results
 
+def _evaluation_terms(policies: list[SlatePolicy], states, items, choice_model,
+                      item: torch.Tensor, position: torch.Tensor, state: torch.Tensor,
+                      exploration: float, chunk: int = 2048):
+    """Per logged row: the reward model's click probability of the logged service, and for
+    each policy the evaluation policy's probability of that service at its position and the
+    direct-method sum over every service.
 
-def _evaluation_terms(policy: SlatePolicy, states, items, choice_model, item: torch.Tensor,
-                      position: torch.Tensor, state: torch.Tensor, exploration: float,
-                      chunk: int = 2048) -> tuple[torch.Tensor, ...]:
-    """Per logged row: the evaluation policy's probability of the logged service at its
-    position, the reward model's click probability of it, and the direct-method sum over
-    every service.
-
-    Everything a row needs depends on its user state and position only, so the policy's
+    Everything a row needs depends on its user state and position only, so the policies'
     scores and the choice model's utilities are computed once per state, `chunk` states
     at a time, never once per logged impression: memory stays at chunk x services x
-    positions, and the time grows with the states rather than the impressions.
+    positions, and the time grows with the states rather than the impressions. The click
+    probabilities are shared by the policies.
+
+    Returns:
+        q_logged (N,), and [(p_logged (N,), direct (N,)) for each policy].
     """
     n_topics = choice_model.config["n_topics"]
     last = choice_model.config["n_positions"] - 1
@@ -185,7 +204,8 @@ def _evaluation_terms(policy: SlatePolicy, states, items, choice_model, item: to
     n_services = len(items.topic)
     depth = min(n_services, int(position.max()) + 1)
     slot = position.clamp(max=last)
-    p_logged, q_logged, direct = (torch.empty(len(item)) for _ in range(3))
+    q_logged = torch.empty(len(item))
+    terms = [(torch.empty(len(item)), torch.empty(len(item))) for _ in policies]
     order = state.argsort()
     bounds = torch.searchsorted(state[order], torch.arange(0, len(states.interest) + chunk,
                                                            chunk))
@@ -196,25 +216,25 @@ def _evaluation_terms(policy: SlatePolicy, states, items, choice_model, item: to
         stop = first + chunk
         interest, strength = states.interest[first:stop], states.strength[first:stop]
         signup = states.signup[first:stop]
-        scores = policy.score(user_feature_matrix(interest, strength, signup), item_features)
-        softmax = torch.softmax(scores, dim=1)
-        best = scores.topk(depth, dim=1).indices
+        features = user_feature_matrix(interest, strength, signup)
         utility = choice_model.all_item_utilities(interest, strength, signup, items.topic,
                                                   items.numeric)
-        # sum_j softmax_j * click_j at each position's bias: (states, positions).
-        explored = torch.einsum("cs,csp->cp", softmax,
-                                torch.sigmoid(utility.unsqueeze(2) + bias))
+        click = torch.sigmoid(utility.unsqueeze(2) + bias)  # (states, services, positions)
         s, i, p, b = state[rows] - first, item[rows], position[rows], slot[rows]
         in_depth = p < depth
-        greedy_item = best[s, p.clamp(max=depth - 1)]
-        greedy_click = torch.sigmoid(utility[s, greedy_item] + bias[b])
-        p_logged[rows] = ((1.0 - exploration) * ((greedy_item == i) & in_depth).float()
-                          + exploration * softmax[s, i]).clamp(1e-12, 1.0)
-        q_logged[rows] = torch.sigmoid(utility[s, i] + bias[b])
-        direct[rows] = ((1.0 - exploration) * greedy_click * in_depth.float()
-                        + exploration * explored[s, b])
-    return p_logged, q_logged, direct
-
+        q_logged[rows] = click[s, i, b]
+        for policy, (p_logged, direct) in zip(policies, terms, strict=True):
+            scores = policy.score(features, item_features)
+            softmax = torch.softmax(scores, dim=1)
+            best = scores.topk(depth, dim=1).indices
+            # sum_j softmax_j * click_j at each position's bias: (states, positions).
+            explored = torch.einsum("cs,csp->cp", softmax, click)
+            greedy_item = best[s, p.clamp(max=depth - 1)]
+            p_logged[rows] = ((1.0 - exploration) * ((greedy_item == i) & in_depth).float()
+                              + exploration * softmax[s, i]).clamp(1e-12, 1.0)
+            direct[rows] = ((1.0 - exploration) * click[s, greedy_item, b] * in_depth.float()
+                            + exploration * explored[s, b])
+    return q_logged, terms
 
 def json_safe(value):
     """The value with NaN and infinities as None (jsonb has no NaN), numpy as Python."""
@@ -281,10 +301,10 @@ def gate(env, challenger: SlatePolicy, champion: SlatePolicy | None,
     if logged is not None and items is not None and choice_model is not None:
         # Limitation: a popularity ranking is bound to the active catalogue it was built for,
         # so off-policy figures cover the learned policies and the myopic baseline only.
-        for name in ("challenger", "champion", "myopic"):
-            if name in policies:
-                estimates[name] = off_policy(policies[name], logged, items, choice_model,
-                                             config.exploration, config.n_boot, config.seed)
+        estimates = off_policy_many(
+            {name: policies[name] for name in ("challenger", "champion", "myopic")
+             if name in policies},
+            logged, items, choice_model, config.exploration, config.n_boot, config.seed)
     figures = {name: {k: v for k, v in result.items() if k != "returns"}
                for name, result in simulated.items()}
     log.info("gate: challenger %.3f, champion %s, difference %s -> %s; versus baselines %s",

@@ -57,12 +57,18 @@ def test_chunked_terms_equal_the_per_row_formula(n_services, max_position):
     state[:50] = 299  # the last chunk is a partial one
     item = torch.randint(0, n_services, (n_rows,), generator=generator)
     position = torch.randint(0, max_position + 1, (n_rows,), generator=generator)
-    expected = _per_row(policy, states, items, model, item, position, state, 0.2)
-    got = _evaluation_terms(policy, states, items, model, item, position, state, 0.2, chunk=64)
-    for name, a, b in zip(("p_logged", "q_logged", "direct"), got, expected, strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-    # The greedy part is exercised: some logged services are the policy's pick at their slot.
-    assert (got[0] > 0.5).sum() > 0
+    torch.manual_seed(99)
+    other = TwoTowerPolicy(N_TOPICS, 3).eval()
+    q_logged, terms = _evaluation_terms([policy, other], states, items, model, item, position,
+                                        state, 0.2, chunk=64)
+    for one, (p_logged, direct) in zip((policy, other), terms, strict=True):
+        expected = _per_row(one, states, items, model, item, position, state, 0.2)
+        got = (p_logged, q_logged, direct)
+        for name, a, b in zip(("p_logged", "q_logged", "direct"), got, expected, strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        # The greedy part is exercised: some logged services are the policy's pick there.
+        assert (p_logged > 0.5).sum() > 0
+    assert not torch.allclose(terms[0][0], terms[1][0])
 
 
 def test_cluster_bootstrap_matches_the_row_bootstrap_for_singleton_clusters_and_widens():
