@@ -67,14 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    server = db.database_url()
-    name = f"rec_bench_inbox_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    params = psycopg.conninfo.conninfo_to_dict(server)
-    url = psycopg.conninfo.make_conninfo(**{**params, "dbname": name})
-    try:
-        db.migrate(url)
+    with db.scratch_database("rec_bench_inbox") as url:
         rng = random.Random(args.seed)
         with psycopg.connect(url) as conn:
             seed_world(conn, WorldSpec(users=1000, experts=20, seed=args.seed))
@@ -100,9 +93,6 @@ def main() -> None:
         inbox = extract_day(INBOX_DAY, INBOX_DAY + timedelta(days=1), "bench-inbox",
                             url)["event_inbox"]
         inbox_seconds = time.perf_counter() - started
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
 
     for counts in (typed, inbox):
         assert counts["read"] == args.rows == counts["accepted"] + counts["quarantined"]

@@ -23,13 +23,11 @@ import argparse
 import json
 import os
 import tempfile
-import uuid
 
 import psycopg
 import torch
 
 from rec import db
-from rec.experiment import database_on
 from rec.world.generate import WorldSpec, seed_world
 from rec.world.traffic import Behaviour, click_probability, load_state
 
@@ -41,21 +39,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("REC_HOME", tempfile.mkdtemp(prefix="rec-ceiling-"))
-    server = db.database_url()
-    name = f"ceiling_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        url = database_on(server, name)
-        db.migrate(url)
-        with psycopg.connect(url) as conn:
-            seed_world(conn, WorldSpec(users=args.users, experts=args.experts, seed=args.seed))
-            state = load_state(conn)
-            signup = conn.execute("select signup_topics from app.users order by user_id")
-            picks = [row[0] for row in signup.fetchall()]
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}"')
+    with db.scratch_database("ceiling") as url, psycopg.connect(url) as conn:
+        seed_world(conn, WorldSpec(users=args.users, experts=args.experts, seed=args.seed))
+        state = load_state(conn)
+        signup = conn.execute("select signup_topics from app.users order by user_id")
+        picks = [row[0] for row in signup.fetchall()]
 
     behaviour = Behaviour()
     k = behaviour.slate_size

@@ -11,13 +11,14 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from rec.config import rec_home
 
@@ -63,6 +64,32 @@ def url_parts(url: str) -> dict[str, str]:
         "password": given.get("password", ""),
         "dbname": given.get("dbname", "postgres"),
     }
+
+
+def on_database(url: str, dbname: str) -> str:
+    """The URL of database `dbname` on the server of `url` (a URL or `key=value` string)."""
+    parts = {k: v for k, v in conninfo_to_dict(url).items() if v is not None}
+    parts["dbname"] = dbname
+    return make_conninfo(**parts)
+
+
+@contextmanager
+def scratch_database(prefix: str, server_url: str | None = None) -> Iterator[str]:
+    """A new, migrated database with a unique name on the server; dropped on exit.
+
+    Yields its URL. For tests and benchmarks that must not touch the pipeline's database.
+    """
+    server_url = server_url or database_url()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        url = on_database(server_url, name)
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def connect(url: str | None = None, **kwargs) -> psycopg.Connection:

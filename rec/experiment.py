@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from rec import db
 from rec.world.generate import WorldSpec
@@ -69,10 +69,8 @@ def experiment_tag(spec: WorldSpec) -> str:
 
 
 def database_on(server_url: str, dbname: str) -> str:
-    """The URL of database `dbname` on the server of `server_url`."""
-    parts = {k: v for k, v in conninfo_to_dict(server_url).items() if v is not None}
-    parts["dbname"] = dbname
-    return make_conninfo(**parts)
+    """The URL of database `dbname` on the server of `server_url` (`rec.db.on_database`)."""
+    return db.on_database(server_url, dbname)
 
 
 def prepare_arms(server_url: str, folder: Path, spec: WorldSpec, names: list[str],

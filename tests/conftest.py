@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from rec import db
@@ -39,12 +37,6 @@ def _server_url(tmp_root: Path) -> str:
     return server.get_uri()
 
 
-def _with_database(url: str, dbname: str) -> str:
-    parsed = psycopg.conninfo.conninfo_to_dict(url)
-    parsed["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**parsed)
-
-
 @pytest.fixture(scope="session")
 def server_url() -> str:
     # Not under pytest's numbered temp folders: a concurrent pytest session prunes those,
@@ -60,19 +52,13 @@ def rec_home() -> Path:
 @pytest.fixture()
 def fresh_database(server_url, rec_home):
     """A new, migrated database for one test; dropped when the test ends."""
-    name = f"rec_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    url = _with_database(server_url, name)
-    db.migrate(url)
-    previous = os.environ.get("REC_DATABASE_URL")
-    os.environ["REC_DATABASE_URL"] = url
-    try:
-        yield url
-    finally:
-        if previous is None:
-            os.environ.pop("REC_DATABASE_URL", None)
-        else:
-            os.environ["REC_DATABASE_URL"] = previous
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+    with db.scratch_database("rec_test", server_url) as url:
+        previous = os.environ.get("REC_DATABASE_URL")
+        os.environ["REC_DATABASE_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("REC_DATABASE_URL", None)
+            else:
+                os.environ["REC_DATABASE_URL"] = previous
