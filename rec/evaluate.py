@@ -181,6 +181,7 @@ def off_policy_many(policies: dict[str, SlatePolicy], slates, items, choice_mode
         results[name] = {"rows": len(item), **{k: e.as_dict() for k, e in estimates.items()}}
     return results
 
+
 def _evaluation_terms(policies: list[SlatePolicy], states, items, choice_model,
                       item: torch.Tensor, position: torch.Tensor, state: torch.Tensor,
                       exploration: float, chunk: int = 2048):
@@ -235,6 +236,7 @@ def _evaluation_terms(policies: list[SlatePolicy], states, items, choice_model,
             direct[rows] = ((1.0 - exploration) * click[s, greedy_item, b] * in_depth.float()
                             + exploration * explored[s, b])
     return q_logged, terms
+
 
 def json_safe(value):
     """The value with NaN and infinities as None (jsonb has no NaN), numpy as Python."""

@@ -144,8 +144,9 @@ def bootstrap_interval(
 
 
 def _cluster_statistics(estimates: dict, clusters: np.ndarray, weights: np.ndarray,
-                        weighted_reward: np.ndarray, dr: np.ndarray | None) -> dict:
-    """The estimators' statistics over resampled clusters, from per-cluster sums.
+                        weighted_reward: np.ndarray, dr: np.ndarray | None) -> tuple[dict, int]:
+    """The estimators' statistics over resampled clusters, from per-cluster sums, and the
+    number of clusters.
 
     A replicate's IPS (or DR) estimate is its clusters' summed terms over their summed row
     counts, SNIPS its summed weighted rewards over its summed weights: the same figures as
@@ -167,7 +168,7 @@ def _cluster_statistics(estimates: dict, clusters: np.ndarray, weights: np.ndarr
         dr_sum = sums(dr)
         out["dr"] = (estimates["dr"][0],
                      lambda idx: dr_sum[idx].sum(axis=1) / rows[idx].sum(axis=1))
-    return out
+    return out, len(rows)
 
 
 def evaluate_policy(
@@ -215,9 +216,8 @@ def evaluate_policy(
         estimates["dr"] = (float(terms.mean()), lambda idx: terms[idx].mean(axis=1))
 
     if clusters is not None:
-        estimates = _cluster_statistics(estimates, clusters, weights, weighted_reward,
-                                        terms if reward_hat is not None else None)
-        n = len(np.unique(clusters))
+        estimates, n = _cluster_statistics(estimates, clusters, weights, weighted_reward,
+                                           terms if reward_hat is not None else None)
     results = {}
     for name, (value, statistic) in estimates.items():
         low, high = bootstrap_interval(statistic, n, n_boot=n_boot, alpha=alpha, seed=seed)
