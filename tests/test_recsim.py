@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,6 +36,10 @@ def test_cluster_means_and_quality_draws():
     assert means.shape == (20,)
     torch.testing.assert_close(means[:14], torch.linspace(-3.0, 0.0, 14))
     torch.testing.assert_close(means[14:], torch.linspace(0.0, 3.0, 6))
+    swapped = replace(config, quality_swaps=((19, 14),)).cluster_means()
+    assert swapped[19] == means[14] == 0.0 and swapped[14] == means[19] == 3.0
+    torch.testing.assert_close(swapped[:14], means[:14])
+    torch.testing.assert_close(swapped[15:19], means[15:19])
 
     env = RecSimEnv(seed=0)
     cluster = torch.full((200_000,), 16)

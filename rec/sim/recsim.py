@@ -67,15 +67,22 @@ class RecSimConfig:
     """Budget regained per unit of watch time and quality (alpha over the quality range)."""
     interest_step: float = 0.3
     """Interest update step at interest 0; it shrinks linearly to 0 at |interest| = 1."""
+    quality_swaps: tuple[tuple[int, int], ...] = ()
+    """Pairs of clusters whose mean qualities trade places (none in RecSim): a drift that
+    moves the optimum, as when experts' quality turns out other than the data had shown."""
 
     def cluster_means(self) -> torch.Tensor:
-        """(n_topics,) mean quality of each cluster: trashy ones first, then nutritious."""
+        """(n_topics,) mean quality of each cluster: trashy ones first, then nutritious,
+        then `quality_swaps` applied in order."""
         n_trashy = int(self.n_topics * self.trashy_share)
         trashy = torch.linspace(self.min_quality, 0.0, n_trashy, dtype=torch.float64)
         nutritious = torch.linspace(
             0.0, self.max_quality, self.n_topics - n_trashy, dtype=torch.float64
         )
-        return torch.cat([trashy, nutritious]).float()
+        means = torch.cat([trashy, nutritious])
+        for a, b in self.quality_swaps:
+            means[[a, b]] = means[[b, a]]
+        return means.float()
 
 
 class ClusterVideoSampler(ItemSampler):
