@@ -38,16 +38,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
+#endif
+#ifdef __AVX512F__
 #define LANES 16
+#define SPAN 4 /* vectors of services per row in the dot product tile: 24 accumulators */
 #else
 #define LANES 8
+#define SPAN 2 /* 12 accumulators, 2 services and a broadcast fit AVX2's 16 registers */
 #endif
 
 #define BLOCK 16
 #define ROWS 6
-#define SPAN 4    /* vectors of services per row in the dot product tile */
 #define MAX_DIM 256
 #define MAX_N 512
 #define FOUND 256 /* services above the threshold that are ranked by counting */
@@ -61,11 +64,24 @@ static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf v) { *(vf_unaligned *)p = v; }
 static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 is x, even for x = -0 */
 
+/* lane_mask: which lanes pass a comparison, in the form the target tests cheaply (a mask
+ * register with AVX-512, all-ones lanes of a vector otherwise). */
 #if LANES == 16
+typedef __mmask16 lane_mask;
 static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
-static inline lane_bits lanes_at_least(vf v, vf limit) {
+static inline lane_mask mask_at_least(vf v, vf limit) {
     return _mm512_cmp_ps_mask((__m512)v, (__m512)limit, _CMP_GE_OQ);
+}
+static inline lane_bits bits_of(lane_mask mask) { return mask; }
+#else
+typedef vi lane_mask;
+#ifdef __AVX__
+/* maxps returns its second operand unless the first is greater: a > b ? a : b. */
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline lane_bits bits_of(lane_mask mask) {
+    return (lane_bits)_mm256_movemask_ps((__m256)mask);
 }
 #else
 static inline vf vmax(vf a, vf b) {
@@ -76,17 +92,13 @@ static inline vf vmin(vf a, vf b) {
     vi keep = a < b;
     return (vf)(((vi)a & keep) | ((vi)b & ~keep));
 }
-static inline lane_bits lanes_at_least(vf v, vf limit) {
-    vi at_least = v >= limit;
+static inline lane_bits bits_of(lane_mask mask) {
     lane_bits bits = 0;
-    for (int lane = 0; lane < LANES; ++lane) bits |= (lane_bits)(at_least[lane] & 1) << lane;
+    for (int lane = 0; lane < LANES; ++lane) bits |= (lane_bits)(mask[lane] & 1) << lane;
     return bits;
 }
-static inline vf zero_lanes(vf v, lane_bits bits) {
-    vi keep;
-    for (int lane = 0; lane < LANES; ++lane) keep[lane] = (bits >> lane) & 1 ? 0 : -1;
-    return (vf)((vi)v & keep);
-}
+#endif
+static inline lane_mask mask_at_least(vf v, vf limit) { return v >= limit; }
 #endif
 
 /* count + 1 in the lanes where a >= b. */
@@ -100,12 +112,12 @@ static inline vi count_at_least(vi count, vf a, vf b) {
 #endif
 }
 
-/* sum + v in the lanes outside bits. */
-static inline vf add_outside(vf sum, vf v, lane_bits bits) {
+/* sum + v in the lanes outside mask. */
+static inline vf add_outside(vf sum, vf v, lane_mask mask) {
 #if LANES == 16
-    return (vf)_mm512_mask_add_ps((__m512)sum, (__mmask16)~bits, (__m512)sum, (__m512)v);
+    return (vf)_mm512_mask_add_ps((__m512)sum, (__mmask16)~mask, (__m512)sum, (__m512)v);
 #else
-    return sum + zero_lanes(v, bits);
+    return sum + (vf)((vi)v & ~mask);
 #endif
 }
 
@@ -332,8 +344,9 @@ static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const
             vf weight = weights(tf, v, fast);
             if (first + LANES > n_items) weight = fill_padding(weight, first, n_items, 0.0f);
             store(w + first, weight);
-            lane_bits bits = lanes_at_least(v, limit);
-            below = add_outside(below, weight, bits);
+            lane_mask at_least = mask_at_least(v, limit);
+            below = add_outside(below, weight, at_least);
+            lane_bits bits = bits_of(at_least);
             if (bits && found <= FOUND) append_found(row, found, bits, v, first);
             found += __builtin_popcount(bits);
         }
