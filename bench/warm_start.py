@@ -8,16 +8,20 @@ swap` (the default) also the best cluster's quality traded with that of the wors
 good ones (3.0 and 0.0), so that day 1's favourite turns mediocre and the optimum moves;
 `--drift mild` leaves the qualities alone, a drift that day 1's policy largely survives.
 
-On day 2 the agent is trained once from scratch, and then
-warm-started from day 1's FILE through the code path of `rec sim train --init` with budgets of
-a growing share of the from-scratch steps, each run starting again from the file. Every policy
-is evaluated greedily on the same day-2 episodes. It prints the steps of the shortest warm run
-that reaches the from-scratch return (less two standard errors), the from-scratch steps, and
-their ratio (the target is at most 0.2), and whether that warm run also reaches the
-from-scratch return itself.
+On day 2 the agent is trained from scratch with `--seeds` seeds, and then warm-started from
+day 1's FILE through the code path of `rec sim train --init`, with budgets of a growing share
+of the from-scratch steps and the same number of seeds per budget, each run starting again
+from the file. Every policy is evaluated greedily on the same day-2 episodes. One training
+seed is not enough to compare: between seeds the from-scratch return spreads by more than
+its evaluation's standard error, so a single lucky (or unlucky) seed decides the answer.
+A budget counts as reaching the from-scratch return when its mean over seeds is at least the
+from-scratch mean less two standard errors of the difference of the means (from the spread
+between seeds). It prints each run, the shortest budget that reaches it, the from-scratch
+steps, their ratio (the target is at most 0.2), and whether that budget's mean also reaches
+the from-scratch mean itself.
 
     .venv/bin/python bench/warm_start.py [--agent slateq|reinforce] [--steps N] [--seed 0]
-        [--drift swap|mild] [--day1 FILE]
+        [--seeds 3] [--drift swap|mild] [--day1 FILE]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -47,11 +52,20 @@ WARM_SHARES = (0.05, 0.1, 0.2, 0.35, 0.5)
 """Budgets of the warm runs, as shares of the from-scratch steps, tried in this order."""
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error over independent runs (0 for a single run)."""
+    mean = statistics.fmean(values)
+    error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return mean, error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agent", choices=["slateq", "reinforce"], default="slateq")
     parser.add_argument("--steps", type=int, help="from-scratch user-steps (agent's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="training seeds per day-2 setting (from scratch, each budget)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--drift", choices=sorted(DRIFTS), default="swap")
     parser.add_argument("--day1", type=Path, help="a saved day-1 policy file of this agent"
@@ -72,48 +86,64 @@ def main() -> None:
               f" {time.perf_counter() - started:.0f} s, saved to {day1_path}"
               f" ({day1_path.stat().st_size / 1024:.0f} KiB, training state included)",
               flush=True)
-
-    started = time.perf_counter()
-    scratch, metrics = train_agent(args.agent, args.steps, args.seed + 1, progress=False,
-                                   config=day2)
-    scratch_seconds = time.perf_counter() - started
-    scratch_steps = metrics["user_steps"]
-    final = greedy_return(scratch, EVAL_EPISODES, EVAL_SEED, day2)
-    target = final["return"] - 2.0 * final["sem"]
-    print(f"day 2 from scratch: {scratch_steps:,d} steps in {scratch_seconds:.0f} s,"
-          f" greedy return {final['return']:.1f} +- {final['sem']:.1f}", flush=True)
-
     day1_return = greedy_return(load_slate_policy(day1_path), EVAL_EPISODES, EVAL_SEED, day2)
     print(f"day 1's policy on day 2, untrained: {day1_return['return']:.1f}", flush=True)
 
-    # Independent warm runs of growing length, each from day 1's file; the shortest one that
-    # reaches the from-scratch return (less two standard errors) counts.
-    warm_steps = warm_return = warm_seconds = None
-    for share in WARM_SHARES:
+    scratch_returns, scratch_steps, scratch_seconds = [], [], []
+    for seed in range(args.seed + 1, args.seed + 1 + args.seeds):
         started = time.perf_counter()
-        policy, warm = train_agent(args.agent, int(share * scratch_steps), args.seed + 2,
-                                   progress=False, warm_start=day1_path, config=day2)
-        value = greedy_return(policy, EVAL_EPISODES, EVAL_SEED, day2)["return"]
-        print(f"day 2 warm start: {warm['user_steps']:,d} steps in"
-              f" {time.perf_counter() - started:.0f} s, greedy return {value:.1f}", flush=True)
-        if value >= target:
-            warm_steps, warm_return = warm["user_steps"], value
-            warm_seconds = time.perf_counter() - started
+        scratch, metrics = train_agent(args.agent, args.steps, seed, progress=False,
+                                       config=day2)
+        scratch_seconds.append(time.perf_counter() - started)
+        scratch_steps.append(metrics["user_steps"])
+        scratch_returns.append(greedy_return(scratch, EVAL_EPISODES, EVAL_SEED, day2)["return"])
+        print(f"day 2 from scratch, seed {seed}: {scratch_steps[-1]:,d} steps in"
+              f" {scratch_seconds[-1]:.0f} s, greedy return {scratch_returns[-1]:.1f}",
+              flush=True)
+    scratch_mean, scratch_error = spread(scratch_returns)
+    steps = round(statistics.fmean(scratch_steps))
+    print(f"day 2 from scratch: {scratch_mean:.1f} +- {scratch_error:.1f} over"
+          f" {args.seeds} seed(s), {steps:,d} steps", flush=True)
+
+    # Independent warm runs of growing length, each from day 1's file; the shortest budget
+    # whose mean over seeds reaches the from-scratch mean (within two standard errors of
+    # the difference) counts.
+    found = None
+    for share in WARM_SHARES:
+        returns, used, seconds = [], [], []
+        for seed in range(args.seed + 101, args.seed + 101 + args.seeds):
+            started = time.perf_counter()
+            policy, warm = train_agent(args.agent, int(share * steps), seed, progress=False,
+                                       warm_start=day1_path, config=day2)
+            seconds.append(time.perf_counter() - started)
+            used.append(warm["user_steps"])
+            returns.append(greedy_return(policy, EVAL_EPISODES, EVAL_SEED, day2)["return"])
+            print(f"day 2 warm start, {share:.0%} budget, seed {seed}: {used[-1]:,d} steps in"
+                  f" {seconds[-1]:.0f} s, greedy return {returns[-1]:.1f}", flush=True)
+        mean, error = spread(returns)
+        allowance = 2.0 * (scratch_error**2 + error**2) ** 0.5
+        print(f"day 2 warm start, {share:.0%} budget: {mean:.1f} +- {error:.1f}"
+              f" (needs {scratch_mean - allowance:.1f})", flush=True)
+        if mean >= scratch_mean - allowance:
+            found = {"steps": round(statistics.fmean(used)), "return": mean, "error": error,
+                     "seconds": statistics.fmean(seconds), "allowance": allowance}
             break
     result = {
         "agent": args.agent,
         "drift": args.drift,
-        "from_scratch_steps": scratch_steps,
-        "from_scratch_seconds": scratch_seconds,
-        "from_scratch_return": final["return"],
-        "target_return": target,
+        "seeds": args.seeds,
+        "from_scratch_steps": steps,
+        "from_scratch_seconds": statistics.fmean(scratch_seconds),
+        "from_scratch_returns": scratch_returns,
+        "from_scratch_return": scratch_mean,
+        "from_scratch_error": scratch_error,
         "day1_policy_return": day1_return["return"],
-        "warm_start_steps": warm_steps,
-        "warm_start_seconds": warm_seconds,
-        "warm_start_return": warm_return,
-        "ratio": warm_steps / scratch_steps if warm_steps else None,
-        "warm_reaches_from_scratch_return": (warm_return is not None
-                                             and warm_return >= final["return"]),
+        "warm_start_steps": found and found["steps"],
+        "warm_start_seconds": found and found["seconds"],
+        "warm_start_return": found and found["return"],
+        "target_return": found and scratch_mean - found["allowance"],
+        "ratio": found["steps"] / steps if found else None,
+        "warm_reaches_from_scratch_mean": bool(found and found["return"] >= scratch_mean),
     }
     print(json.dumps(result))
 
