@@ -10,7 +10,9 @@ on the weights), then times, in this run and on this machine:
   the time of `rec.publish.rank_users` (user factors, scores, top-N, exploration draws,
   propensities), which uses the native kernel (`rec.native`) unless REC_NATIVE=0.
   matmul_cpu_ratio is the same ratio of process CPU seconds, steadier where other jobs share
-  the cores.
+  the cores. Each side is timed `--repeats` times, alternating, and its best time counts.
+  Both write into memory allocated before timing (torch a block, ranking the lists): the
+  first touch of the lists' 240 MB, zeroed by the kernel, is printed apart (output_touch_s).
 - write: `rec.publish.prepare` + `write_rows` (binary COPY built with numpy) into a fresh
   staging table, against `psql \\copy ... (format binary)` loading the same rows from a file
   into a fresh table of the same shape. write_ratio_vs_psql_copy is psql's time over ours.
@@ -115,29 +117,48 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="cores to use")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-write", action="store_true", help="time scoring only")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timings of each side; the best counts")
     args = parser.parse_args()
     policy, users, items = build_world(args.users, args.services, args.seed)
     kernel = native.library() is not None  # built (or found in the cache) before timing
-    matmul_s, matmul_cpu_s = matmul_seconds(policy, users, items, args.threads)
-    started, started_cpu = time.perf_counter(), time.process_time()
-    ranked = publish.rank_users(policy, users, items, args.top_n, args.exploration, args.seed,
-                                threads=args.threads)
-    score_s, score_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
+    # The lists' memory is allocated and touched once, outside both timings, as torch's
+    # output block is: a first touch of fresh memory zeroes its pages in the kernel, which on
+    # this VM costs 0.2-0.5 s for these 240 MB and varies from run to run.
+    started = time.perf_counter()
+    ranked = publish.empty_ranked(users.user_ids, min(args.top_n, len(items)))
+    for array in (ranked.service_rows, ranked.scores, ranked.propensities):
+        array.fill(0)
+    touch_s = time.perf_counter() - started
+    # Best of `--repeats` for each side, the two alternating, so that a slow spell of a
+    # shared machine does not fall on one side only.
+    matmul, score = [], []
+    for _ in range(args.repeats):
+        matmul.append(matmul_seconds(policy, users, items, args.threads))
+        started, started_cpu = time.perf_counter(), time.process_time()
+        publish.rank_users(policy, users, items, args.top_n, args.exploration, args.seed,
+                           threads=args.threads, out=ranked)
+        score.append((time.perf_counter() - started, time.process_time() - started_cpu))
+    (matmul_s, matmul_cpu_s), (score_s, score_cpu_s) = min(matmul), min(score)
     rows = ranked.service_rows.size
     explored = float((ranked.propensities < 1 - args.exploration).mean())
     print(f"users {args.users:,} x services {args.services:,}, top {args.top_n}, "
           f"exploration {args.exploration}, {args.threads} cores, "
           f"{'native kernel' if kernel else 'torch path'}")
-    print(f"matmul alone        {matmul_s:8.2f} s   ({matmul_cpu_s:.2f} CPU s)")
-    print(f"score + select      {score_s:8.2f} s   ({score_cpu_s:.2f} CPU s)"
-          f"   matmul_ratio {matmul_s / score_s:.2f} (CPU {matmul_cpu_s / score_cpu_s:.2f};"
+    print(f"output allocated    {touch_s:8.2f} s   (first touch of {rows:,} slots, untimed)")
+    print(f"matmul alone        {matmul_s:8.2f} s   ({matmul_cpu_s:.2f} CPU s; best of"
+          f" {args.repeats}: {', '.join(f'{m[0]:.2f}' for m in matmul)})")
+    print(f"score + select      {score_s:8.2f} s   ({score_cpu_s:.2f} CPU s; best of"
+          f" {args.repeats}: {', '.join(f'{t[0]:.2f}' for t in score)})")
+    print(f"matmul_ratio        {matmul_s / score_s:8.2f} (CPU {matmul_cpu_s / score_cpu_s:.2f};"
           f" target >= 0.5; {score_s / 30:.2f} of the 30 s budget)")
     print(f"slots off the greedy order {explored:.3f} (exploration {args.exploration})")
     result = {"users": args.users, "services": args.services, "rows": rows,
               "native": kernel, "score_s": round(score_s, 3), "matmul_s": round(matmul_s, 3),
               "matmul_ratio": round(matmul_s / score_s, 3),
               "score_cpu_s": round(score_cpu_s, 3), "matmul_cpu_s": round(matmul_cpu_s, 3),
-              "matmul_cpu_ratio": round(matmul_cpu_s / score_cpu_s, 3)}
+              "matmul_cpu_ratio": round(matmul_cpu_s / score_cpu_s, 3),
+              "output_touch_s": round(touch_s, 3)}
 
     if not args.skip_write:
         result.update(bench_write(ranked, items))

@@ -68,9 +68,17 @@ class Ranked:
         return len(self.user_ids)
 
 
+def empty_ranked(user_ids: np.ndarray, n: int) -> Ranked:
+    """Uninitialised lists for these users, n slots each, for `rank_users(out=...)`."""
+    shape = (len(user_ids), n)
+    return Ranked(user_ids, np.empty(shape, np.int32), np.empty(shape, np.float32),
+                  np.empty(shape, np.float32))
+
+
 def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
-               exploration: float, seed: int, threads: int = 2) -> Ranked:
-    """Every user's top-n list with exploration.
+               exploration: float, seed: int, threads: int = 2,
+               out: Ranked | None = None) -> Ranked:
+    """Every user's top-n list with exploration, into `out` where given (`empty_ranked`).
 
     Blocks of SELECT_ROWS users go to `threads` worker threads, each running on one core:
     independent workers keep both cores busy without the per-operation synchronisation of
@@ -87,9 +95,9 @@ def rank_users(policy: SlatePolicy, users: Users, items: Items, top_n: int,
     torch.set_num_threads(1)
     n = min(top_n, len(items))
     item_features = item_feature_matrix(items.topic, items.numeric, users.interest.shape[1])
-    shape = (len(users), n)
-    ranked = Ranked(users.user_ids, np.empty(shape, np.int32), np.empty(shape, np.float32),
-                    np.empty(shape, np.float32))
+    ranked = empty_ranked(users.user_ids, n) if out is None else out
+    if ranked.service_rows.shape != (len(users), n):
+        raise ValueError(f"out holds {ranked.service_rows.shape} slots, not {(len(users), n)}")
     kernel = native.library() if hasattr(policy, "factors") and 0 < n <= native.MAX_N else None
     tower = None
     if kernel is not None:

@@ -152,6 +152,19 @@ def test_rank_users_lists_do_not_depend_on_the_block_size(monkeypatch):
     assert (other.service_rows != first.service_rows).any()
 
 
+def test_rank_users_fills_given_lists_and_refuses_a_wrong_shape():
+    policy, users, items = _policy_world(2000, 300)
+    fresh = publish.rank_users(policy, users, items, 10, 0.3, seed=5)
+    reused = publish.empty_ranked(users.user_ids, 10)
+    reused.service_rows.fill(-1)
+    returned = publish.rank_users(policy, users, items, 10, 0.3, seed=5, out=reused)
+    assert returned is reused
+    np.testing.assert_array_equal(reused.service_rows, fresh.service_rows)
+    np.testing.assert_array_equal(reused.propensities, fresh.propensities)
+    with pytest.raises(ValueError, match="slots"):
+        publish.rank_users(policy, users, items, 20, 0.3, seed=5, out=reused)
+
+
 def _reset_native(monkeypatch) -> None:
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_library", None)
