@@ -569,7 +569,9 @@ def _markdown(figures: dict, spec: WorldSpec, arms: list[Arm], data: dict[str, A
               f"- Cold-start users are visits in a user's first {COLD_START_DAYS} days after "
               "signing up (they first visit the day after); established users are all older "
               "visits.",
-              "- A jump moves most of a user's interest to a topic they did not care about. "
+              "- A jump gives a user's strongest interest to another topic and the old "
+              "favourite the other topic's (small) share; the shape of their interests is "
+              "kept, so a ranking that follows the jump can match the CTR before it. "
               "Visits on the day of the jump are served lists computed before it (0 runs); "
               f"recovery is the first number of runs at which their pooled CTR reaches "
               f"{RECOVERY_SHARE:.0%} of their CTR in the {PRE_JUMP_DAYS} days before. Buckets "

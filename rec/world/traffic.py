@@ -69,8 +69,6 @@ class Behaviour:
     """Share of interest that moves to a booked session's topic."""
     click_drift: float = 0.02
     """Share of interest that moves to a clicked (not booked) service's topic."""
-    jump_strength: float = 0.8
-    """Share of interest that moves to the new topic when a user's interests jump."""
 
 
 @dataclass
@@ -177,7 +175,14 @@ def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
 def _jump_interests(
     state: WorldState, behaviour: Behaviour, rate: float, generator: torch.Generator
 ) -> list[tuple[int, int, int]]:
-    """Move some users' interests to a topic they did not care about; returns the jumps."""
+    """Move some users' favourite interest to another topic; returns the jumps.
+
+    A jump trades the weights of the user's favourite topic and of a topic drawn among the
+    others: the new topic becomes the favourite with the old one's weight, and the old
+    favourite keeps what the new topic had (usually next to nothing). The shape of the
+    user's interests is unchanged, so a ranking that follows the jump can reach the CTR
+    it had before; only a list still aimed at the old favourite loses clicks.
+    """
     n_users, n_topics = state.interests.shape
     draws = torch.rand(n_users, generator=generator)
     targets = torch.randint(0, n_topics - 1, (n_users,), generator=generator)
@@ -187,9 +192,9 @@ def _jump_interests(
     old_top = state.interests[jumping].argmax(dim=1)
     # A topic drawn among the others: skip over the current favourite.
     new_topic = targets[jumping] + (targets[jumping] >= old_top).long()
-    strength = behaviour.jump_strength
-    state.interests[jumping] *= 1.0 - strength
-    state.interests[jumping, new_topic] += strength
+    top_weight = state.interests[jumping, old_top].clone()
+    state.interests[jumping, old_top] = state.interests[jumping, new_topic]
+    state.interests[jumping, new_topic] = top_weight
     return [(int(state.user_ids[u]), int(a), int(b)) for u, a, b in zip(
         jumping.tolist(), old_top.tolist(), new_topic.tolist(), strict=True)]
 
