@@ -18,6 +18,7 @@ from rec.agents.recsim_rollout import (
     play_rollout,
     random_slates,
     restore_training_state,
+    shrink_and_perturb,
 )
 from rec.agents.slateq import SlateQArgs, train_slateq
 from rec.agents.topk_reinforce import (
@@ -82,6 +83,22 @@ def reinforce_policy():
     args = TopKReinforceArgs(seed=0, total_steps=200_000, episodes_per_batch=256,
                              learning_rate=1e-3, eval_episodes=200, validation_episodes=200)
     return train_topk_reinforce(args, progress=False)
+
+
+def test_shrink_and_perturb_scales_weights_and_adds_seeded_noise():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64)
+    before = [w.clone() for w in net.parameters()]
+    shrink_and_perturb(net, 0.8, 0.0, torch.Generator().manual_seed(1))
+    assert all(torch.allclose(w, 0.8 * b) for w, b in zip(net.parameters(), before, strict=True))
+
+    copies = [torch.nn.Linear(64, 64) for _ in range(2)]
+    for copy in copies:
+        copy.load_state_dict(net.state_dict())
+        shrink_and_perturb(copy, 1.0, 0.01, torch.Generator().manual_seed(2))
+    assert torch.equal(copies[0].weight, copies[1].weight)
+    noise = (copies[0].weight - net.weight).flatten()
+    assert abs(noise.std().item() - 0.01) < 0.001 and abs(noise.mean().item()) < 0.001
 
 
 def test_candidate_logits_match_the_policy_on_one_hot_candidates():

@@ -232,6 +232,20 @@ def restore_training_state(
 
 
 @torch.no_grad()
+def shrink_and_perturb(module: torch.nn.Module, shrink: float, noise: float,
+                       generator: torch.Generator) -> None:
+    """Scale a continued network's weights by `shrink` and add N(0, noise^2) (in place).
+
+    Warm-started networks tend to settle near their old solution and fit new data worse
+    than a fresh start (Ash and Adams 2020, "On Warm-Starting Neural Network Training");
+    shrinking the weights and adding a little noise keeps what was learned while restoring
+    the gradients' reach.
+    """
+    for weight in module.parameters():
+        weight.mul_(shrink).add_(noise * torch.randn(weight.shape, generator=generator))
+
+
+@torch.no_grad()
 def critic_values(critic: BudgetCritic, rollout: Rollout) -> torch.Tensor:
     """(S, B) the critic's values of every step's state, zero where the episode has ended."""
     values = critic(rollout.interest, rollout.budget, _step_index(rollout)) * critic.scale

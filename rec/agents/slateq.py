@@ -28,6 +28,7 @@ from rec.agents.recsim_rollout import (
     play_rollout,
     random_slates,
     restore_training_state,
+    shrink_and_perturb,
     training_state,
 )
 from rec.policy import SlateQPolicy
@@ -67,6 +68,10 @@ class SlateQArgs:
     """Gradient clipping threshold."""
     eval_episodes: int = 2000
     """Episodes of the final greedy evaluation (on a seed of its own)."""
+    warm_shrink: float = 1.0
+    """A continued policy's weights are multiplied by this before training."""
+    warm_noise: float = 0.0
+    """... and Gaussian noise of this standard deviation is added to them."""
 
 
 def value_loss(policy: SlateQPolicy, rollout: Rollout, targets: torch.Tensor,
@@ -116,6 +121,9 @@ def train_slateq(
     env = RecSimEnv(config, seed=args.seed + 10_007, compact_below=0.0)
     if policy is None:
         policy = SlateQPolicy(env.config.n_topics, args.hidden_dim)
+    elif args.warm_shrink != 1.0 or args.warm_noise:
+        shrink_and_perturb(policy, args.warm_shrink, args.warm_noise,
+                           torch.Generator().manual_seed(args.seed + 3))
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic = BudgetCritic(env.config.n_topics, args.hidden_dim)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
