@@ -48,7 +48,7 @@ DRIFTS = {"mild": MILD, "swap": replace(MILD, quality_swaps=((19, 14),))}
 (seed 0) returned 294.5 under `mild` and 251.1 under `swap`."""
 EVAL_EPISODES = 3000
 EVAL_SEED = 777
-WARM_SHARES = (0.05, 0.1, 0.2, 0.35, 0.5)
+WARM_SHARES = (0.05, 0.1, 0.15, 0.2, 0.35, 0.5)
 """Budgets of the warm runs, as shares of the from-scratch steps, tried in this order."""
 
 

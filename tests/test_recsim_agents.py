@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from rec.agents.recsim_rollout import (
     restore_training_state,
     shrink_and_perturb,
 )
+from rec.agents.recsim_train import WARM_START_ARGS
 from rec.agents.slateq import SlateQArgs, train_slateq
 from rec.agents.topk_reinforce import (
     TopKReinforceArgs,
@@ -166,7 +168,8 @@ def test_cli_trains_saves_the_critic_and_warm_starts_from_the_file(agent, cli_ru
     warm_policy = load_slate_policy(second)
     assert warm_policy.metadata["warm_start"] == str(first)
     assert resumed["user_steps"] == saved["user_steps"] + warm_policy.metadata["user_steps"]
-    knobs = SlateQArgs() if agent == "slateq" else TopKReinforceArgs()
+    knobs = replace(SlateQArgs() if agent == "slateq" else TopKReinforceArgs(),
+                    **WARM_START_ARGS[agent])
     warm_updates = knobs.epochs * math.ceil(warm_policy.metadata["user_steps"] / knobs.minibatch)
     for key in ("critic_optimizer", "policy_optimizer"):
         before = saved[key]["state"][0]["step"].item()

@@ -31,12 +31,18 @@ WARM_START_SHARE = 0.2
 # (2.5e-4, 0.002) stayed at 289.0-289.6 against the from-scratch 293.4; with the
 # from-scratch knobs and the continued policy's logits halved (`warm_temperature` 2), so
 # that it samples widely again, 289.4-292.3.
+# After a drift that swaps the best cluster's quality (day 2 from scratch 2 M steps, 293.7
+# over 3 seeds), 0.4 M warm steps, 3 seeds each: those knobs 270.7 at 0.2 M steps; with
+# batches of 256 episodes 279.3, and a step size of 1e-3 282.5; with minibatches of 1,024
+# steps as well (four times the updates per step played) 292.5, or 291.6 at 5e-4; those
+# last knobs at 0.3 M steps 292.3.
 # SlateQ, after a drift that swaps the best cluster's quality (`bench/warm_start.py`, day 1
 # 3 M steps, day 2 from scratch 311.6 over 3 seeds), 0.6 M warm steps, 3 seeds each: with
 # batches of 1,024 episodes (two or three updates rounds in all) 309.7; batches of 256,
 # 310.6; with shrink-and-perturb (0.8, 0.01) as well, 311.1; shrinking by 0.5, 310.4.
 WARM_START_ARGS: dict[str, dict[str, Any]] = {
-    "reinforce": {"warm_temperature": 2.0, "validate_from": 0.0},
+    "reinforce": {"warm_temperature": 2.0, "validate_from": 0.0, "episodes_per_batch": 256,
+                  "minibatch": 1024, "learning_rate": 1e-3},
     "slateq": {"epsilon_start": 0.05, "epsilon_end": 0.02, "episodes_per_batch": 256,
                "warm_shrink": 0.8, "warm_noise": 0.01},
 }
