@@ -46,9 +46,10 @@ WARM_START_ARGS: dict[str, dict[str, Any]] = {
     "slateq": {"epsilon_start": 0.05, "epsilon_end": 0.02, "episodes_per_batch": 256,
                "warm_shrink": 0.8, "warm_noise": 0.01},
 }
-"""How a warm start's knobs differ from a run from scratch: it starts near a good policy,
-so it explores less; SlateQ plays smaller batches so that a short run still makes many
-updates, and shrinks and perturbs the continued network's weights."""
+"""How a warm start's knobs differ from a run from scratch. Both play smaller batches, so
+that a short run still makes many updates; REINFORCE also takes smaller minibatches and a
+larger step size, and samples from a softened copy of the file's policy; SlateQ explores
+less and shrinks and perturbs the continued network's weights."""
 
 
 def _agent_args(agent: str, seed: int, steps: int | None, warm: bool,
