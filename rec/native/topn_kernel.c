@@ -156,29 +156,44 @@ static inline vf exp2_clamped(vf t) {
     return exp2_unclamped(vmin(vmax(t, splat(-126.0f)), splat(126.0f)));
 }
 
-/* Coefficients of tanh(y) / y as a polynomial in y^2 for |y| <= 1/2 (relative error 1.3e-8). */
-static const double TANH_SERIES[5] = {0.9999999868717725, -0.3333306939324604,
-                                      0.1332477930215749, -0.05298607430507045,
-                                      0.01713500466523066};
+/* tanh(y) / y as a polynomial in y^2, fitted (relative error weighted Chebyshev fits, close
+ * to minimax) for |y| up to SERIES_REACH[k]: 3 terms to 1/8 (relative error 1.4e-8),
+ * 4 terms to 0.35 (8.8e-8), 5 terms to 1/2 (1.3e-8). A row takes the shortest that holds
+ * for all its dot products: for typical factor norms the 4-term one, a vector operation less
+ * per LANES services than the 5-term one. */
+#define SERIES_FORMS 3
+static const int SERIES_TERMS[SERIES_FORMS] = {3, 4, 5};
+static const double SERIES_REACH[SERIES_FORMS] = {0.125, 0.35, 0.5};
+static const double SERIES[SERIES_FORMS][5] = {
+    {0.9999999955774345, -0.33332739092501673, 0.13219067605646603},
+    {0.9999999753555419, -0.3333261047021445, 0.13300697438474712, -0.04926613106501381},
+    {0.9999999868717725, -0.3333306939324604, 0.1332477930215749, -0.05298607430507045,
+     0.01713500466523066},
+};
 
 typedef struct {
     float cap;
-    float fast_limit;   /* |x| up to which the polynomial form of the logit holds */
-    vf weight_series[5]; /* log2(e) * TANH_SERIES[k] / cap^(2k): log2 weight = x * P(x^2) */
-    vf logit_series[5];  /* TANH_SERIES[k] / cap^(2k): logit = x * P(x^2) */
+    float fast_limit;   /* |x| up to which the polynomial forms of the logit hold */
+    /* log2(e) * SERIES[form][k] / cap^(2k): log2 weight = x * P(x^2), terms 3, 4, 5 */
+    vf weight_series[SERIES_FORMS][5];
+    vf logit_series[5];  /* SERIES[2][k] / cap^(2k): logit = x * P(x^2) */
     vf to_exp2_arg;      /* 2 log2(e) / cap */
     vf cap_v, two_cap, log2e;
 } Transform;
 
 static void transform_init(Transform *tf, float cap) {
-    double scale = 1.0;
     tf->cap = cap;
     /* there the log2 weight stays within log2(e) cap tanh(1/2) < 126: no clamping needed */
     tf->fast_limit = cap < 150.0f ? 0.5f * cap : 0.0f;
-    for (int k = 0; k < 5; ++k) {
-        tf->weight_series[k] = splat((float)(1.4426950408889634 * TANH_SERIES[k] * scale));
-        tf->logit_series[k] = splat((float)(TANH_SERIES[k] * scale));
-        scale /= (double)cap * (double)cap;
+    for (int form = 0; form < SERIES_FORMS; ++form) {
+        double scale = 1.0;
+        for (int k = 0; k < SERIES_TERMS[form]; ++k) {
+            tf->weight_series[form][k] = splat((float)(1.4426950408889634 * SERIES[form][k]
+                                                       * scale));
+            if (form == SERIES_FORMS - 1) tf->logit_series[k] = splat((float)(SERIES[form][k]
+                                                                               * scale));
+            scale /= (double)cap * (double)cap;
+        }
     }
     tf->to_exp2_arg = splat((float)(2.0 * 1.4426950408889634 / cap));
     tf->cap_v = splat(cap);
@@ -186,32 +201,49 @@ static void transform_init(Transform *tf, float cap) {
     tf->log2e = splat(1.4426950408889634f);
 }
 
-static inline vf odd_series(const vf *series, vf x) {
+/* x * P(x^2), P given by its first `terms` coefficients (a constant where inlined). */
+static inline __attribute__((always_inline)) vf odd_series(const vf *series, vf x,
+                                                           const int terms) {
     vf z = x * x;
-    vf p = series[4];
-    p = p * z + series[3];
-    p = p * z + series[2];
-    p = p * z + series[1];
-    p = p * z + series[0];
+    vf p = series[terms - 1];
+    for (int k = terms - 2; k >= 0; --k) p = p * z + series[k];
     return x * p;
 }
 
-/* exp(cap * tanh(x / cap)) by the series (fast: every |x| <= fast_limit) or through exp. */
-static inline vf weights(const Transform *tf, vf x, int fast) {
-    if (fast) return exp2_unclamped(odd_series(tf->weight_series, x));
+/* exp(cap * tanh(x / cap)): with terms 3, 4 or 5 by that series (every |x| of the row
+ * within its reach), with 0 through exp. */
+static inline __attribute__((always_inline)) vf weights(const Transform *tf, vf x,
+                                                        const int terms) {
+    if (terms) return exp2_unclamped(odd_series(tf->weight_series[terms - 3], x, terms));
     vf e = exp2_clamped(x * tf->to_exp2_arg); /* exp(2x / cap) */
     vf logit = tf->cap_v - tf->two_cap / (e + splat(1.0f));
     return exp2_clamped(logit * tf->log2e);
 }
 
+/* The services' factors rearranged for dot_rows: for each tile of SPAN vectors of services
+ * (block group b, blocks k .. k + SPAN - 1), its dim x SPAN vectors one after another, so
+ * that the tile's loads run through memory in order instead of striding by width. */
+static void pack_items(const float *items_t, int dim, int width, float *panels) {
+    const int blocks = width / BLOCK;
+    float *out = panels;
+    for (int b = 0; b < blocks; b += LANES)
+        for (int k = 0; k < BLOCK; k += SPAN)
+            for (int d = 0; d < dim; ++d)
+                for (int s = 0; s < SPAN; ++s, out += LANES)
+                    memcpy(out, items_t + (size_t)d * width + (k + s) * blocks + b,
+                           sizeof(float) * LANES);
+}
+
 /* Raw dot products x (ROWS x width) of `rows` (<= ROWS) users with all width services, and
- * each row's block maxima (ROWS x blocks); columns past the catalogue hold -inf. */
-static void dot_rows(const float *users, int rows, int dim, const float *items_t, int width,
+ * each row's block maxima (ROWS x blocks); columns past the catalogue hold -inf. `panels` is
+ * the services' factors as pack_items lays them out. */
+static void dot_rows(const float *users, int rows, int dim, const float *panels, int width,
                      int n_items, float *x, float *block_max) {
     float user[ROWS * MAX_DIM];
     for (int r = 0; r < ROWS; ++r)
         for (int d = 0; d < dim; ++d) user[r * dim + d] = r < rows ? users[r * dim + d] : 0.0f;
     const int blocks = width / BLOCK;
+    const float *v = panels;
 
     for (int b = 0; b < blocks; b += LANES) {
         vf top[ROWS];
@@ -220,10 +252,9 @@ static void dot_rows(const float *users, int rows, int dim, const float *items_t
             vf acc[ROWS][SPAN];
             for (int r = 0; r < ROWS; ++r)
                 for (int s = 0; s < SPAN; ++s) acc[r][s] = splat(0.0f);
-            const float *v = items_t + k * blocks + b;
-            for (int d = 0; d < dim; ++d, v += width) {
+            for (int d = 0; d < dim; ++d, v += SPAN * LANES) {
                 vf service[SPAN];
-                for (int s = 0; s < SPAN; ++s) service[s] = load(v + s * blocks);
+                for (int s = 0; s < SPAN; ++s) service[s] = load(v + s * LANES);
                 for (int r = 0; r < ROWS; ++r) {
                     vf ud = splat(user[r * dim + d]);
                     for (int s = 0; s < SPAN; ++s) acc[r][s] += ud * service[s];
@@ -250,6 +281,7 @@ static inline int beats(float x, int j, float y, int i) { return x > y || (x == 
 typedef struct {
     Transform tf;
     int n, n_items, width, blocks;
+    int terms; /* the row's form of the weights: series_terms() */
     double user_norm, max_item_norm;
     /* per row */
     float *x, *w, *block_max;
@@ -308,29 +340,36 @@ static inline void offer(Row *row, int *count, float value, int column) {
     row->cand_index[at] = column;
 }
 
-/* Appends the lanes in bits of v, columns first + lane, at row->found_*[found...]. */
-static inline void append_found(Row *row, int found, lane_bits bits, vf v, int first) {
+/* Appends the columns first + lane of the lanes in bits at row->found_j[found...] and
+ * returns the new count. With AVX-512 it stores a whole packed vector at a position clamped
+ * to FOUND, whether or not any lane passed: no branch on the data, whose outcome no
+ * predictor can learn (a mispredicted branch here throws away the long chains of the
+ * weights in flight). Past FOUND the count stays right while the stored columns do not. */
+static inline int append_found(Row *row, int found, lane_mask mask, int first) {
 #if LANES == 16
-    /* Whole vectors, packed in registers: no branch per service (they are unpredictable). */
     const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                                                  13, 14, 15);
     __m512i column = _mm512_add_epi32(lane_index, _mm512_set1_epi32(first));
-    _mm512_storeu_ps(row->found_x + found, _mm512_maskz_compress_ps(bits, (__m512)v));
-    _mm512_storeu_si512(row->found_j + found, _mm512_maskz_compress_epi32(bits, column));
+    int at = found < FOUND ? found : FOUND;
+    _mm512_storeu_si512(row->found_j + at, _mm512_maskz_compress_epi32(mask, column));
+    return found + __builtin_popcount((unsigned)mask);
 #else
+    lane_bits bits = bits_of(mask);
     while (bits) {
         int lane = __builtin_ctz(bits);
         bits &= bits - 1;
-        row->found_x[found] = v[lane];
-        row->found_j[found++] = first + lane;
+        if (found < FOUND) row->found_j[found] = first + lane;
+        ++found;
     }
+    return found;
 #endif
 }
 
 /* Every weight of the row into row->w (0 past the catalogue), the summed weights of the
- * services below `limit` per block into row->tail, and the services at or above it into
- * row->found_*; returns how many those are. */
-static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const int fast) {
+ * services below `limit` per block into row->tail, and the columns of the services at or
+ * above it into row->found_j; returns how many those are. `terms` picks the form of the
+ * weights (see weights()); a constant wherever this is inlined. */
+static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const int terms) {
     const Transform *tf = &row->tf;
     const int blocks = row->blocks, n_items = row->n_items;
     const float *x = row->x;
@@ -341,14 +380,12 @@ static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const
         for (int k = 0; k < BLOCK; ++k) {
             int first = k * blocks + b;
             vf v = load(x + first);
-            vf weight = weights(tf, v, fast);
+            vf weight = weights(tf, v, terms);
             if (first + LANES > n_items) weight = fill_padding(weight, first, n_items, 0.0f);
             store(w + first, weight);
             lane_mask at_least = mask_at_least(v, limit);
             below = add_outside(below, weight, at_least);
-            lane_bits bits = bits_of(at_least);
-            if (bits && found <= FOUND) append_found(row, found, bits, v, first);
-            found += __builtin_popcount(bits);
+            found = append_found(row, found, at_least, first);
         }
         for (int lane = 0; lane < LANES; ++lane) row->tail[b + lane] = (double)below[lane];
     }
@@ -360,13 +397,15 @@ static inline int block_of(const Row *row, int j) {
     return row->blocks & (row->blocks - 1) ? j % row->blocks : j & (row->blocks - 1);
 }
 
-/* The n best of the `found` services above the threshold, by counting for each how many
+/* The n best of the `found` services above the threshold (columns in row->found_j), by
+ * counting for each how many
  * others beat it (no branches on the data, unlike an insertion sort); the weights of the
  * others go back into their blocks' tail masses. */
 static void rank_found(Row *row, int found) {
     float *found_x = row->found_x;
     int *found_j = row->found_j;
     int padded = (found + LANES - 1) / LANES * LANES;
+    for (int i = 0; i < found; ++i) found_x[i] = row->x[found_j[i]];
     for (int i = found; i < padded; ++i) {
         found_x[i] = -INFINITY;
         found_j[i] = INT32_MAX;
@@ -392,11 +431,15 @@ static void rank_found(Row *row, int found) {
     }
 }
 
-/* Whether every dot product of the row lies where the series form of the logit holds. */
-static int series_holds(const Row *row) {
+/* How many terms of the series the row's weights take (3, 4 or 5), or 0 where some dot
+ * product lies beyond the reach of every series form. */
+static int series_terms(const Row *row) {
     const float limit = row->tf.fast_limit;
     /* |u . v| <= |u| max |v|: most rows need no pass to know it. */
-    if (row->user_norm * row->max_item_norm <= 0.999 * limit) return 1;
+    double bound = row->user_norm * row->max_item_norm;
+    for (int form = 0; form < SERIES_FORMS; ++form)
+        if (bound <= 0.999 * SERIES_REACH[form] * row->tf.cap && limit > 0.0f)
+            return SERIES_TERMS[form];
     vf high = splat(-INFINITY), low = splat(INFINITY);
     for (int b = 0; b < row->blocks; b += LANES) high = vmax(high, load(row->block_max + b));
     int j = 0;
@@ -404,20 +447,27 @@ static int series_holds(const Row *row) {
     int holds = 1;
     for (; j < row->n_items; ++j) holds &= row->x[j] >= -limit;
     for (int lane = 0; lane < LANES; ++lane) holds &= low[lane] >= -limit && high[lane] <= limit;
-    return holds;
+    return holds ? 5 : 0;
 }
 
 /* The row's candidates (x, index, score, weight, best first) and tail masses; leaves the
  * weights of the other services in row->w (candidates and padding zeroed). */
 static void summarise_row(Row *row) {
     const int n = row->n;
-    int fast = series_holds(row);
+    const int terms = series_terms(row);
+    row->terms = terms;
 
     /* Every one of the n best is >= threshold; padding (-inf) never is. */
     float threshold = threshold_of(row);
     if (threshold < -FLT_MAX) threshold = -FLT_MAX;
     vf limit = splat(threshold);
-    int found = fast ? weigh(row, limit, 1) : weigh(row, limit, 0);
+    int found;
+    switch (terms) {
+    case 3: found = weigh(row, limit, 3); break;
+    case 4: found = weigh(row, limit, 4); break;
+    case 5: found = weigh(row, limit, 5); break;
+    default: found = weigh(row, limit, 0);
+    }
     if (found <= FOUND) {
         rank_found(row, found);
     } else { /* many ties or a loose threshold: keep a running top n */
@@ -436,7 +486,7 @@ static void summarise_row(Row *row) {
             row->tail[b] = sum;
         }
 
-    if (!fast) { /* rare: tanhf is exact to float rounding where the exp form is not */
+    if (!terms) { /* rare: tanhf is exact to float rounding where the exp form is not */
         for (int i = 0; i < n; ++i)
             row->cand_score[i] = row->tf.cap * tanhf(row->cand_x[i] / row->tf.cap);
         return;
@@ -445,7 +495,7 @@ static void summarise_row(Row *row) {
     memcpy(cand_x, row->cand_x, sizeof(float) * (size_t)n);
     for (int i = n; i < n + LANES; ++i) cand_x[i] = 0.0f;
     for (int i = 0; i < n; i += LANES)
-        store(row->cand_score + i, odd_series(row->tf.logit_series, load(cand_x + i)));
+        store(row->cand_score + i, odd_series(row->tf.logit_series, load(cand_x + i), 5));
 }
 
 typedef double vd __attribute__((vector_size(64)));
@@ -516,6 +566,15 @@ static int draw_block(const double *mass, int size, double target, double total,
     return i;
 }
 
+/* cap * tanh(x / cap) of one dot product of the row: by the series where the row's weights
+ * took one (it holds there), else through tanhf. */
+static inline float logit_of(const Row *row, float x) {
+    if (!row->terms) return row->tf.cap * tanhf(x / row->tf.cap);
+    float z = x * x, p = row->tf.logit_series[4][0];
+    for (int k = 3; k >= 0; --k) p = p * z + row->tf.logit_series[k][0];
+    return x * p;
+}
+
 /* The n slots of one row, as rec.topn.select fills them (see there), from its n uniforms. */
 static void select_row(Row *row, double exploration, const double *uniform, int32_t *index,
                        float *score, float *propensity) {
@@ -557,10 +616,13 @@ static void select_row(Row *row, double exploration, const double *uniform, int3
                 weight[k] = 0.0;
                 double rest = sum16(weight);
                 row->w[column] = 0.0f;
+                /* the total follows the one block that changed (summing all blocks again
+                 * gives the same to double rounding, at 16 times the cost) */
+                tail_mass += rest - row->tail[block];
+                if (tail_mass < 0.0) tail_mass = 0.0;
                 row->tail[block] = rest;
-                tail_mass = sum_of(row->tail, blocks);
                 index[slot] = column;
-                score[slot] = row->tf.cap * tanhf(row->x[column] / row->tf.cap);
+                score[slot] = logit_of(row, row->x[column]);
                 double p = exploration * picked / total;
                 propensity[slot] = (float)(p < 1.0 ? p : 1.0);
                 from_tail = 1;
@@ -596,8 +658,9 @@ static int for_each_row(const float *users, int64_t n_users, int dim, const floa
     float *w = aligned_alloc(64, sizeof(float) * (size_t)width);
     float *block_max = aligned_alloc(64, sizeof(float) * ROWS * (size_t)blocks);
     double *tail = aligned_alloc(64, sizeof(double) * (size_t)blocks);
+    float *panels = aligned_alloc(64, sizeof(float) * (size_t)dim * (size_t)width);
     int status = 0;
-    if (!row || !x || !w || !block_max || !tail) {
+    if (!row || !x || !w || !block_max || !tail || !panels) {
         status = -2;
         goto done;
     }
@@ -615,10 +678,11 @@ static int for_each_row(const float *users, int64_t n_users, int dim, const floa
         row->max_item_norm = norm > row->max_item_norm ? norm : row->max_item_norm;
     }
     row->max_item_norm = sqrt(row->max_item_norm);
+    pack_items(items_t, dim, width, panels);
 
     for (int64_t start = 0; start < n_users; start += ROWS) {
         int rows = n_users - start < ROWS ? (int)(n_users - start) : ROWS;
-        dot_rows(users + start * dim, rows, dim, items_t, width, n_items, x, block_max);
+        dot_rows(users + start * dim, rows, dim, panels, width, n_items, x, block_max);
         for (int r = 0; r < rows; ++r) {
             row->x = x + (size_t)r * width;
             row->block_max = block_max + (size_t)r * blocks;
@@ -636,6 +700,7 @@ done:
     free(w);
     free(block_max);
     free(tail);
+    free(panels);
     return status;
 }
 
