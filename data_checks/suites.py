@@ -44,6 +44,8 @@ class RunFacts:
     """Services in raw.services: one expert_features row each."""
     previous_row_counts: dict[str, tuple[datetime.date, int]] = field(default_factory=dict)
     """Per mart, the run date and row count of the newest earlier validation that passed."""
+    signup_prior_weight: float = 0.0
+    """The dbt project's `signup_prior_weight`: the most interest weight a cold user has."""
 
 
 def _suite(name: str, expectations: list[gxe.Expectation]) -> gx.ExpectationSuite:
@@ -115,10 +117,13 @@ def user_features_suite(facts: RunFacts) -> gx.ExpectationSuite:
             gxe.ExpectColumnValuesToBeUnique(column="user_id"),
             *_non_negative("total_decayed_weight", *counts),
             gxe.UnexpectedRowsExpectation(
-                description="cold-start users have no interactions and no interest weight",
+                description="cold-start users have no interactions and no interest weight"
+                " beyond their sign-up topics' prior",
                 unexpected_rows_query=(
                     "select user_id from {batch} where is_cold_start and"
-                    " (n_clicks + n_likes + n_bookings + n_reviews > 0 or total_decayed_weight > 0)"
+                    " (n_clicks + n_likes + n_bookings + n_reviews > 0"
+                    f" or total_decayed_weight > {facts.signup_prior_weight} + 1e-9"
+                    " or (cardinality(signup_topics) = 0 and total_decayed_weight > 0))"
                 ),
             ),
             gxe.UnexpectedRowsExpectation(

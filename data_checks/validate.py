@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rec.config import rec_home
 from rec.db import connect, database_url, url_parts
+from rec.transform import dbt_variable
 
 if TYPE_CHECKING:
     from data_checks.suites import RunFacts
@@ -115,6 +116,7 @@ def _run_facts(url: str, run_date: datetime.date) -> RunFacts:
         users_signed_up=users,
         services=services,
         previous_row_counts={suite: (day, count) for suite, day, count in previous},
+        signup_prior_weight=float(dbt_variable("signup_prior_weight")),
     )
 
 

@@ -21,7 +21,8 @@ ITEM_NUMERIC_COLUMNS = ("log_price", "ctr_logit", "rating_centered", "log_bookin
 
 @dataclass
 class Users:
-    """One row per user; `interest` rows are topic shares (all zero with no history)."""
+    """One row per user; `interest` rows are topic shares (all zero with neither history nor
+    sign-up topics); `cold` marks users without interactions."""
 
     user_ids: np.ndarray
     interest: torch.Tensor
@@ -166,10 +167,20 @@ def load_logged_slates(conn: psycopg.Connection, items: Items) -> LoggedSlates:
             "select user_id, event_date, topic_id, decayed_weight, interest"
             " from analytics.choice_user_states").fetchall() if (u, d) in state_index),
         state_index, (len(state_index), topics))
+    # A state is cold when the user had not interacted before its day (the sign-up topics'
+    # prior gives cold states interests too, so their interests cannot tell).
+    first_active = dict(conn.execute(
+        "select user_id, min(event_date) from ("
+        " select user_id, event_date from analytics.stg_app__clicks union all"
+        " select user_id, event_date from analytics.stg_app__likes union all"
+        " select user_id, event_date from analytics.stg_app__bookings union all"
+        " select user_id, event_date from analytics.stg_app__reviews) interactions"
+        " group by user_id").fetchall())
     states = Users(
         user_ids=np.array([k[0] for k in state_index], dtype=np.int64),
         interest=interest, strength=strength, signup=_signup_matrix(signups, topics),
-        cold=interest.sum(1) == 0)
+        cold=torch.tensor([first_active.get(user) is None or first_active[user] >= day
+                           for user, day in state_index], dtype=torch.bool))
     log.info("loaded %d impressions in %d slates over %d user-days", len(rows),
              len(slate_index), len(state_index))
     return LoggedSlates(

@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from rec.config import REPO_ROOT, rec_home
 from rec.db import database_url, url_parts
 
@@ -85,6 +87,12 @@ def _dbt_args(
         *selection,
         *extra,
     ]
+
+
+def dbt_variable(name: str) -> object:
+    """A variable's default in the dbt project (`vars:` of dbt_project.yml)."""
+    with (DBT_PROJECT_DIR / "dbt_project.yml").open() as project:
+        return yaml.safe_load(project)["vars"][name]
 
 
 def run_dbt(

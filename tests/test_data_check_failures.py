@@ -122,6 +122,16 @@ def test_each_defect_stops_the_run_with_its_suite_and_expectation(fresh_database
         message = _failure(url, RUN_DATE, "user_features", "unexpected_rows_expectation")
     assert "users with interactions have a last active date" in message
 
+    # A cold-start user (3, no interactions) with more interest weight than the sign-up
+    # topics' prior can give.
+    with _defect(
+        url,
+        "user_features",
+        "update analytics.user_features set total_decayed_weight = 2.5 where user_id = 3",
+    ):
+        message = _failure(url, RUN_DATE, "user_features", "unexpected_rows_expectation")
+    assert "no interest weight beyond their sign-up topics' prior" in message
+
     # The next night: a quiet 10 March (no slates) is neither stale nor a collapse.
     run_dbt(NEXT_NIGHT, url)
     with psycopg.connect(url) as conn:
@@ -143,7 +153,7 @@ def test_each_defect_stops_the_run_with_its_suite_and_expectation(fresh_database
 
     # Every validation is on record; the failed ones never become a baseline.
     recorded = _recorded(url)
-    assert len(recorded) == 7 * len(SUITES)
+    assert len(recorded) == 8 * len(SUITES)
     failed = {(run_date, suite, n) for run_date, suite, n, ok in recorded if not ok}
     assert failed == {
         (RUN_DATE, "choice_training_slates", 7),

@@ -12,6 +12,7 @@ from rec.transform import run_dbt
 
 RUN_DATE = datetime.date(2024, 3, 10)
 HALF_LIFE = 14.0
+SIGNUP_PRIOR = 2.0  # dbt's signup_prior_weight: clicks' worth of the topics picked at sign-up
 
 SLATE_A = uuid.UUID(int=0xA)  # user 1, 8 March: clicked and booked service 100
 SLATE_B = uuid.UUID(int=0xB)  # user 1, 9 March: clicked service 200
@@ -111,13 +112,15 @@ def test_interests_decay_and_sum_to_one(built):
     sums = _rows(
         built, "select user_id, sum(interest) from analytics.user_interest_features group by 1"
     )
-    assert {user for user, _ in sums} == {1, 2}
+    assert {user for user, _ in sums} == {1, 2, 3}
     assert all(total == pytest.approx(1.0) for _, total in sums)
 
-    # User 1: topic 1 from the click and booking of 8 March and the 5-star review of 9 March;
-    # topic 2 from the like of 5 March and the click of 9 March. The click of 1 November is
-    # outside the 90-day window and the click on the run date is not yet known.
-    topic_1 = _decay(1 + 4, "2024-03-08", RUN_DATE) + _decay(2, "2024-03-09", RUN_DATE)
+    # User 1: topic 1 from the sign-up pick of 1 January, the click and booking of 8 March
+    # and the 5-star review of 9 March; topic 2 from the like of 5 March and the click of
+    # 9 March. The click of 1 November is outside the 90-day window and the click on the
+    # run date is not yet known.
+    topic_1 = (_decay(SIGNUP_PRIOR, "2024-01-01", RUN_DATE) + _decay(1 + 4, "2024-03-08", RUN_DATE)
+               + _decay(2, "2024-03-09", RUN_DATE))
     topic_2 = _decay(2, "2024-03-05", RUN_DATE) + _decay(1, "2024-03-09", RUN_DATE)
     user_1 = dict(
         (topic, (weight, interest))
@@ -132,10 +135,23 @@ def test_interests_decay_and_sum_to_one(built):
         2: pytest.approx((topic_2, topic_2 / (topic_1 + topic_2))),
     }
 
-    # User 2's one-star review weighs nothing, so only the liked topic remains.
+    # User 2's one-star review weighs nothing: the liked topic and the sign-up topic remain.
+    liked, picked = _decay(2, "2024-03-01", RUN_DATE), _decay(SIGNUP_PRIOR, "2024-02-01", RUN_DATE)
     assert _rows(
-        built, "select topic_id, interest from analytics.user_interest_features where user_id = 2"
-    ) == [(1, pytest.approx(1.0))]
+        built,
+        "select topic_id, interest from analytics.user_interest_features where user_id = 2"
+        " order by topic_id",
+    ) == [(1, pytest.approx(liked / (liked + picked))),
+          (2, pytest.approx(picked / (liked + picked)))]
+
+
+def test_a_cold_user_starts_from_the_sign_up_topics(built):
+    # User 3 never interacted: all of their interest is the prior of their one sign-up topic.
+    assert _rows(
+        built,
+        "select topic_id, decayed_weight, interest from analytics.user_interest_features"
+        " where user_id = 3",
+    ) == [(3, pytest.approx(_decay(SIGNUP_PRIOR, "2024-03-01", RUN_DATE)), pytest.approx(1.0))]
 
 
 def test_user_features_keep_cold_users_and_ignore_the_run_date(built):
@@ -150,8 +166,8 @@ def test_user_features_keep_cold_users_and_ignore_the_run_date(built):
     assert set(users) == {1, 2, 3}, "user 4 signed up on the run date"
     assert users[1][:5] == (3, 1, 1, 1, datetime.date(2024, 3, 9))
     assert users[1][6] is False
-    assert users[3] == (0, 0, 0, 0, None, 0.0, True, [3])
-    assert _rows(built, "select * from analytics.user_interest_features where user_id = 3") == []
+    assert users[3] == (0, 0, 0, 0, None,
+                        pytest.approx(_decay(SIGNUP_PRIOR, "2024-03-01", RUN_DATE)), True, [3])
 
     service_300 = _rows(
         built,
@@ -192,16 +208,20 @@ def test_slates_mark_clicks_and_states_exclude_the_day_itself(built):
         )
     }
     march_8, march_9 = datetime.date(2024, 3, 8), datetime.date(2024, 3, 9)
-    # At the start of 8 March user 1 had only liked a finance service; that day's click and
-    # booking of a career service must not leak into the state.
-    assert states[(1, "2024-03-08", 2)] == pytest.approx((_decay(2, "2024-03-05", march_8), 1))
-    assert (1, "2024-03-08", 1) not in states
-    topic_1 = _decay(5, "2024-03-08", march_9)
+    # At the start of 8 March user 1 had liked a finance service and, long before, picked
+    # career at sign-up; that day's click and booking of a career service must not leak into
+    # the state.
+    picked, liked = _decay(SIGNUP_PRIOR, "2024-01-01", march_8), _decay(2, "2024-03-05", march_8)
+    assert states[(1, "2024-03-08", 1)] == pytest.approx((picked, picked / (picked + liked)))
+    assert states[(1, "2024-03-08", 2)] == pytest.approx((liked, liked / (picked + liked)))
+    topic_1 = _decay(SIGNUP_PRIOR, "2024-01-01", march_9) + _decay(5, "2024-03-08", march_9)
     topic_2 = _decay(2, "2024-03-05", march_9)
     assert states[(1, "2024-03-09", 1)] == pytest.approx((topic_1, topic_1 / (topic_1 + topic_2)))
     assert states[(1, "2024-03-09", 2)] == pytest.approx((topic_2, topic_2 / (topic_1 + topic_2)))
-    assert states[(2, "2024-03-09", 1)] == pytest.approx((_decay(2, "2024-03-01", march_9), 1))
-    assert len(states) == 4
+    liked, picked = _decay(2, "2024-03-01", march_9), _decay(SIGNUP_PRIOR, "2024-02-01", march_9)
+    assert states[(2, "2024-03-09", 1)] == pytest.approx((liked, liked / (liked + picked)))
+    assert states[(2, "2024-03-09", 2)] == pytest.approx((picked, picked / (liked + picked)))
+    assert len(states) == 6
 
 
 def test_backfill_sees_only_its_past(fresh_database):

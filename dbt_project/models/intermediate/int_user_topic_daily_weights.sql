@@ -1,8 +1,32 @@
 with
 
+users as (
+
+    -- The source rather than stg_app__users (a plain rename of it): a ref would
+    -- make this model a descendant of stg_app__users, and the relationships
+    -- tests that point from the interest models to the users and topics
+    -- staging models, which `dbt test --select stg_app__users` also runs, would
+    -- then wait for a model that waits for them in the per-model Airflow tasks
+    -- (rec/dbt_tasks.py).
+    select
+        user_id,
+        signed_up_at,
+        signup_topics
+
+    from {{ source('app', 'users') }}
+
+),
+
 services as (
 
     select * from {{ ref('stg_app__services') }}
+
+),
+
+topics as (
+
+    -- The source, for the reason given for users above.
+    select topic_id from {{ source('app', 'topics') }}
 
 ),
 
@@ -76,6 +100,33 @@ with_topic as (
 
 ),
 
+signup_prior as (
+
+    -- What a user picked at sign-up counts as signup_prior_weight clicks on
+    -- the sign-up day, shared among the picked topics (unknown ids are left
+    -- out of the weight but not of the share).
+    select
+        users.user_id,
+        picked.topic_id,
+        users.signed_up_at::date as event_date,
+        {{ var('signup_prior_weight') }}::double precision
+        / cardinality(users.signup_topics) as weight
+
+    from users
+    cross join lateral unnest(users.signup_topics) as picked (topic_id)
+    inner join topics
+        on picked.topic_id = topics.topic_id
+
+),
+
+all_weights as (
+
+    select * from with_topic
+    union all
+    select * from signup_prior
+
+),
+
 daily_weights as (
 
     select
@@ -84,7 +135,7 @@ daily_weights as (
         event_date,
         sum(weight)::double precision as weight
 
-    from with_topic
+    from all_weights
     group by user_id, topic_id, event_date
 
 )
