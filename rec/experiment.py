@@ -45,6 +45,10 @@ MAX_RUNS_AFTER_JUMP = 7
 RECOVERY_SHARE = 0.9
 MIN_VISITS = 30
 """Fewer visits than this in a bucket leave its CTR undefined (too noisy to report)."""
+SHIFT_MIN_VISITS = 200
+"""The same for the jumped users' buckets, whose CTRs are compared with each other: at a CTR
+of 0.3, 200 visits give a standard error of 0.032, about a tenth of the ratio (30 visits give
+0.084, and a bucket would clear 0.9 of the pre-jump CTR by chance)."""
 ENV_KEYS = ("REC_HOME", "AIRFLOW_HOME", "REC_DATABASE_URL", "REC_ARM",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
 
@@ -308,8 +312,10 @@ def shift_recovery(data: ArmData, first_day: int, last_day: int | None = None) -
 
     Returns:
         shift_jumps, shift_pre_ctr, shift_ctr_ratio_by_runs (r -> CTR_r / pre-jump CTR, or
-        None with under MIN_VISITS visits) and shift_recovery_runs: the first r whose ratio
-        reaches RECOVERY_SHARE, or None if none does within the days played.
+        None with under SHIFT_MIN_VISITS visits) and shift_recovery_runs: the first r from
+        which the ratio reaches RECOVERY_SHARE and stays there in every later bucket that has
+        one (regained and kept, not one lucky bucket), or None if there is no such r within
+        the days played.
     """
     last_day = int(data.visit_day.max(initial=0)) if last_day is None else last_day
     jumps = [(u, d) for u, d in data.jumps if first_day <= d <= last_day]
@@ -333,17 +339,19 @@ def shift_recovery(data: ArmData, first_day: int, last_day: int | None = None) -
             data.visit_day[rows] <= last_day)
         np.add.at(post_visits, offset[after], 1)
         np.add.at(post_clicks, offset[after], clicked[after])
-    pre_ctr = pre_clicks / pre_visits if pre_visits >= MIN_VISITS else None
+    pre_ctr = pre_clicks / pre_visits if pre_visits >= SHIFT_MIN_VISITS else None
     ratios = {}
     for r in range(MAX_RUNS_AFTER_JUMP + 1):
-        if pre_ctr and post_visits[r] >= MIN_VISITS:
+        if pre_ctr and post_visits[r] >= SHIFT_MIN_VISITS:
             ratios[r] = float(post_clicks[r] / post_visits[r] / pre_ctr)
         else:
             ratios[r] = None
-    recovered = [r for r, v in ratios.items() if v is not None and v >= RECOVERY_SHARE]
+    measured = [(r, v) for r, v in ratios.items() if v is not None]
+    kept = [r for i, (r, _) in enumerate(measured)
+            if all(v >= RECOVERY_SHARE for _, v in measured[i:])]
     return {"shift_jumps": len(jumps), "shift_pre_ctr": pre_ctr,
             "shift_ctr_ratio_by_runs": ratios,
-            "shift_recovery_runs": recovered[0] if recovered else None}
+            "shift_recovery_runs": kept[0] if kept else None}
 
 
 def _task_medians(tasks: list[dict]) -> dict[str, float]:
@@ -573,9 +581,10 @@ def _markdown(figures: dict, spec: WorldSpec, arms: list[Arm], data: dict[str, A
               "favourite the other topic's (small) share; the shape of their interests is "
               "kept, so a ranking that follows the jump can match the CTR before it. "
               "Visits on the day of the jump are served lists computed before it (0 runs); "
-              f"recovery is the first number of runs at which their pooled CTR reaches "
-              f"{RECOVERY_SHARE:.0%} of their CTR in the {PRE_JUMP_DAYS} days before. Buckets "
-              f"with under {MIN_VISITS} visits show n/a.",
+              f"recovery is the first number of runs from which their pooled CTR reaches "
+              f"{RECOVERY_SHARE:.0%} of their CTR in the {PRE_JUMP_DAYS} days before and stays "
+              f"there in every later bucket. Buckets with under {MIN_VISITS} visits "
+              f"({SHIFT_MIN_VISITS} for the jumped users) show n/a.",
               "- Active users are users with days of interest left; empty visits spend that "
               "budget, well-rated sessions add to it, and users at zero churn.",
               "", "## Where the arms live", ""]

@@ -67,6 +67,31 @@ def test_shift_recovery_counts_runs_until_ctr_is_back():
     assert shift_recovery(data, first_day=jump_day + 1)["shift_jumps"] == 0
 
 
+def test_shift_recovery_needs_the_ctr_kept_and_enough_visits():
+    rng = np.random.default_rng(1)
+    jump_day = 10
+
+    def jumped(users: int, after: dict[int, float]):
+        rows = []
+        for user in range(users):
+            for day in range(jump_day - 7, jump_day):
+                rows.append((user, day, 100, rng.random() < 0.5))
+            for runs, ctr in after.items():
+                rows.append((user, jump_day + runs, 100, rng.random() < ctr))
+        data = _visits(rows)
+        data.jumps = [(u, jump_day) for u in range(users)]
+        return shift_recovery(data, first_day=0)
+
+    # Back at once, lost again the next night, regained for good two nights later.
+    result = jumped(400, {0: 0.5, 1: 0.2, 2: 0.3, 3: 0.48, 4: 0.5})
+    assert result["shift_ctr_ratio_by_runs"][0] >= 0.9
+    assert result["shift_recovery_runs"] == 3
+    # 150 jumped users: every bucket is too small to be read, so nothing is claimed.
+    small = jumped(150, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert set(small["shift_ctr_ratio_by_runs"].values()) == {None}
+    assert small["shift_recovery_runs"] is None
+
+
 def test_uplifts_are_fractions_of_the_control_arm():
     per_arm = {"rl": {"ctr": 0.33, "bookings_per_day": 128.0, "cold_start_ctr_ratio": 0.85,
                       "shift_recovery_runs": 2, "nightly_run_s": 90.0},
