@@ -45,9 +45,9 @@ MAX_RUNS_AFTER_JUMP = 7
 RECOVERY_SHARE = 0.9
 MIN_VISITS = 30
 """Fewer visits than this in a bucket leave its CTR undefined (too noisy to report)."""
-SHIFT_MIN_VISITS = 200
+SHIFT_MIN_VISITS = 100
 """The same for the jumped users' buckets, whose CTRs are compared with each other: at a CTR
-of 0.3, 200 visits give a standard error of 0.032, about a tenth of the ratio (30 visits give
+of 0.3, 100 visits give a standard error of 0.046, about a sixth of the ratio (30 visits give
 0.084, and a bucket would clear 0.9 of the pre-jump CTR by chance)."""
 ENV_KEYS = ("REC_HOME", "AIRFLOW_HOME", "REC_DATABASE_URL", "REC_ARM",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
