@@ -27,7 +27,7 @@
  * services, against 17 multiply-adds for a rank-17 dot product), and the exploration draws
  * (a few hundred cycles each) and the candidates add work per row. bench/kernel_phases.py
  * prints the cycles of each phase; on a Sapphire Rapids core (2026-12-04), per row of 2,000
- * services: dot products about 1,350, weights 1,300-1,450, exploration slates about 950,
+ * services: dot products 1,350-1,650, weights 1,300-1,450, exploration slates about 950,
  * threshold 300, ranking the candidates 330. The weights alone cost about as much as the dot
  * products, so half of torch's matmul throughput is out of reach there while every weight is
  * computed exactly.
