@@ -89,9 +89,7 @@ int main(int argc, char **argv) {
                 row->terms = series_terms(row);
                 vf limit = splat(threshold_of(row));
                 uint64_t t2 = __rdtsc();
-                int found = row->terms == 3 ? weigh(row, limit, 3)
-                          : row->terms == 4 ? weigh(row, limit, 4)
-                          : row->terms == 5 ? weigh(row, limit, 5) : weigh(row, limit, 0);
+                int found = weigh_row(row, limit);
                 uint64_t t3 = __rdtsc();
                 if (found <= FOUND) rank_found(row, found);
                 for (int i = 0; i < n; ++i) {

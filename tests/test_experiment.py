@@ -40,20 +40,28 @@ def _visits(rows: list[tuple[int, int, int, bool]]) -> ArmData:
                    visit_clicked=table[:, 3].astype(bool), jumps=[], tasks=[], runs=[])
 
 
-def test_shift_recovery_counts_runs_until_ctr_is_back():
-    rng = np.random.default_rng(0)
-    jump_day, users = 10, 400
-    # Pre-jump CTR 0.5; after the jump 0.1, 0.3, 0.47, 0.5 at 0, 1, 2, 3 runs.
-    after = {0: 0.1, 1: 0.3, 2: 0.47, 3: 0.5}
+def _jumped(rng: np.random.Generator, users: int, jump_day: int, after: dict[int, float],
+            bystanders: bool = False) -> ArmData:
+    """Users 0..users-1 jump on jump_day: CTR 0.5 in the week before, after[r] r runs later;
+    with bystanders, as many users who never jumped click on the day after."""
     rows = []
     for user in range(users):
         for day in range(jump_day - 7, jump_day):
             rows.append((user, day, 100, rng.random() < 0.5))
         for runs, ctr in after.items():
             rows.append((user, jump_day + runs, 100, rng.random() < ctr))
-        rows.append((user + users, jump_day + 1, 100, True))  # a user who never jumped
+        if bystanders:
+            rows.append((user + users, jump_day + 1, 100, True))
     data = _visits(rows)
     data.jumps = [(u, jump_day) for u in range(users)]
+    return data
+
+
+def test_shift_recovery_counts_runs_until_ctr_is_back():
+    rng = np.random.default_rng(0)
+    jump_day, users = 10, 400
+    # Pre-jump CTR 0.5; after the jump 0.1, 0.3, 0.47, 0.5 at 0, 1, 2, 3 runs.
+    data = _jumped(rng, users, jump_day, {0: 0.1, 1: 0.3, 2: 0.47, 3: 0.5}, bystanders=True)
 
     result = shift_recovery(data, first_day=0)
 
@@ -69,18 +77,9 @@ def test_shift_recovery_counts_runs_until_ctr_is_back():
 
 def test_shift_recovery_needs_the_ctr_kept_and_enough_visits():
     rng = np.random.default_rng(1)
-    jump_day = 10
 
-    def jumped(users: int, after: dict[int, float]):
-        rows = []
-        for user in range(users):
-            for day in range(jump_day - 7, jump_day):
-                rows.append((user, day, 100, rng.random() < 0.5))
-            for runs, ctr in after.items():
-                rows.append((user, jump_day + runs, 100, rng.random() < ctr))
-        data = _visits(rows)
-        data.jumps = [(u, jump_day) for u in range(users)]
-        return shift_recovery(data, first_day=0)
+    def jumped(users: int, after: dict[int, float]) -> dict:
+        return shift_recovery(_jumped(rng, users, 10, after), first_day=0)
 
     # Back at once, lost again the next night, regained for good two nights later.
     result = jumped(400, {0: 0.5, 1: 0.2, 2: 0.3, 3: 0.48, 4: 0.5})

@@ -395,6 +395,16 @@ static inline __attribute__((always_inline)) int weigh(Row *row, vf limit, const
     return found;
 }
 
+/* weigh() with the row's form of the weights (row->terms), each form compiled on its own. */
+static int weigh_row(Row *row, vf limit) {
+    switch (row->terms) {
+    case 3: return weigh(row, limit, 3);
+    case 4: return weigh(row, limit, 4);
+    case 5: return weigh(row, limit, 5);
+    default: return weigh(row, limit, 0);
+    }
+}
+
 /* The block of column j: j mod blocks (a mask where blocks is a power of 2). */
 static inline int block_of(const Row *row, int j) {
     return row->blocks & (row->blocks - 1) ? j % row->blocks : j & (row->blocks - 1);
@@ -440,9 +450,8 @@ static int series_terms(const Row *row) {
     const float limit = row->tf.fast_limit;
     /* |u . v| <= |u| max |v|: most rows need no pass to know it. */
     double bound = row->user_norm * row->max_item_norm;
-    for (int form = 0; form < SERIES_FORMS; ++form)
-        if (bound <= 0.999 * SERIES_REACH[form] * row->tf.cap && limit > 0.0f)
-            return SERIES_TERMS[form];
+    for (int form = 0; form < SERIES_FORMS && limit > 0.0f; ++form)
+        if (bound <= 0.999 * SERIES_REACH[form] * row->tf.cap) return SERIES_TERMS[form];
     vf high = splat(-INFINITY), low = splat(INFINITY);
     for (int b = 0; b < row->blocks; b += LANES) high = vmax(high, load(row->block_max + b));
     int j = 0;
@@ -464,13 +473,7 @@ static void summarise_row(Row *row) {
     float threshold = threshold_of(row);
     if (threshold < -FLT_MAX) threshold = -FLT_MAX;
     vf limit = splat(threshold);
-    int found;
-    switch (terms) {
-    case 3: found = weigh(row, limit, 3); break;
-    case 4: found = weigh(row, limit, 4); break;
-    case 5: found = weigh(row, limit, 5); break;
-    default: found = weigh(row, limit, 0);
-    }
+    int found = weigh_row(row, limit);
     if (found <= FOUND) {
         rank_found(row, found);
     } else { /* many ties or a loose threshold: keep a running top n */
